@@ -1,0 +1,168 @@
+//! Every limit and timeout of the server, in one place.
+//!
+//! The configuration is built once at start-up (from the command line) and
+//! shared read-only with the router and every shard behind an `Arc`. Nothing
+//! here changes while the server runs.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// What the server runs with.
+#[derive(Clone)]
+pub struct Config {
+    /// Address of the public listener: WebSocket upgrades, health, and (unless
+    /// `api_listen` is set) the API and metrics. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Optional private address serving only the API, metrics and health.
+    pub api_listen: Option<SocketAddr>,
+    /// Number of shards; default one per core the process may run on.
+    pub shards: usize,
+    /// Backend API key; the API is off when `None`. Never printed by `Debug`.
+    pub api_key: Option<String>,
+    /// Serve `/ws/echo` (conformance and raw benchmarks). Default off.
+    pub enable_echo: bool,
+    /// Pin each shard to a core. Default on.
+    pub pin_shards: bool,
+    pub limits: Limits,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("api_listen", &self.api_listen)
+            .field("shards", &self.shards)
+            .field("api_enabled", &self.api_key.is_some())
+            .field("enable_echo", &self.enable_echo)
+            .field("pin_shards", &self.pin_shards)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// Limits and timeouts. Each default is chosen for a server facing the public
+/// internet with browsers as clients.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest WebSocket message accepted, in bytes (default 65536, the
+    /// public contract). Larger ones close the connection with 1009.
+    pub max_message_size: usize,
+    /// Most frames one fragmented message may span (default 64). Without a
+    /// cap, a client could make the server buffer a message in tiny pieces
+    /// with a header's overhead each.
+    pub max_fragments: usize,
+    /// Time from accept to the 101 answer, queueing at the shard included
+    /// (default 10 s). Not reset by each byte, so a client dripping its head
+    /// one byte at a time cannot hold a slot for long.
+    pub handshake_timeout: Duration,
+    /// Largest HTTP request head, in bytes (default 16 KiB); beyond it the
+    /// answer is 431.
+    pub max_request_head: usize,
+    /// Most header lines in a request (default 64); beyond it, 431.
+    pub max_headers: usize,
+    /// Largest API request body (default 1 MiB); beyond it, 413.
+    pub max_api_body: usize,
+    /// How long an idle keep-alive API connection stays open (default 60 s).
+    pub http_idle_timeout: Duration,
+    /// How long the router waits for a shard to answer an API command or a
+    /// metrics request (default 5 s); beyond it, 503.
+    pub shard_reply_timeout: Duration,
+    /// Open WebSocket connections one user may hold (default 32); the next
+    /// upgrade is answered 429 by the owning shard.
+    pub max_connections_per_user: usize,
+    /// Open WebSocket connections one shard may hold. Derived at start-up from
+    /// RLIMIT_NOFILE when not given; beyond it the shard answers 503.
+    pub max_connections_per_shard: usize,
+    /// Hand-offs waiting in one shard's mailbox (default 1024); a full mailbox
+    /// is answered 503 by the router.
+    pub handoff_queue: usize,
+    /// Messages queued for one connection and not yet written (default 1024).
+    /// A connection past it is a slow consumer: it is closed with 4008.
+    pub outbound_queue_messages: usize,
+    /// Bytes queued for one connection and not yet written (default 1 MiB),
+    /// the same rule as `outbound_queue_messages`.
+    pub outbound_queue_bytes: usize,
+    /// How long the server waits for the peer's Close after sending its own
+    /// (default 5 s) before it drops the socket.
+    pub close_timeout: Duration,
+    /// Seconds of clock skew tolerated on `exp` and `nbf` (default 30).
+    pub jwt_leeway_secs: u64,
+    /// Latency goal of each shard's hand-off queue (default 100 µs). Lower
+    /// means a busy shard notices a new connection sooner at the cost of more
+    /// frequent preemption checks.
+    pub handoff_latency: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 64 * 1024,
+            max_fragments: 64,
+            handshake_timeout: Duration::from_secs(10),
+            max_request_head: 16 * 1024,
+            max_headers: 64,
+            max_api_body: 1024 * 1024,
+            http_idle_timeout: Duration::from_secs(60),
+            shard_reply_timeout: Duration::from_secs(5),
+            max_connections_per_user: 32,
+            max_connections_per_shard: 10_000,
+            handoff_queue: 1024,
+            outbound_queue_messages: 1024,
+            outbound_queue_bytes: 1024 * 1024,
+            close_timeout: Duration::from_secs(5),
+            jwt_leeway_secs: 30,
+            handoff_latency: Duration::from_micros(100),
+        }
+    }
+}
+
+/// Rules for a user id, shared by tokens and API bodies: a non-empty string
+/// of at most 256 bytes with no control characters. Ids are compared as exact
+/// byte strings: no case folding, no Unicode normalisation, no trimming.
+pub fn check_user_id(user: &str) -> Result<(), &'static str> {
+    if user.is_empty() {
+        return Err("empty user id");
+    }
+    if user.len() > MAX_USER_ID_BYTES {
+        return Err("user id longer than 256 bytes");
+    }
+    if user.chars().any(char::is_control) {
+        return Err("user id contains control characters");
+    }
+    Ok(())
+}
+
+/// Longest user id, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_id_rules() {
+        assert!(check_user_id("alice").is_ok());
+        assert!(check_user_id("Alice ").is_ok());
+        assert!(check_user_id(&"x".repeat(256)).is_ok());
+        assert!(check_user_id(&"x".repeat(257)).is_err());
+        assert!(check_user_id("").is_err());
+        assert!(check_user_id("a\nb").is_err());
+        assert!(check_user_id("a\u{7f}").is_err());
+        assert!(check_user_id("a\u{85}").is_err());
+    }
+
+    #[test]
+    fn debug_hides_the_api_key() {
+        let config = Config {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            api_listen: None,
+            shards: 1,
+            api_key: Some("very-secret-key".into()),
+            enable_echo: false,
+            pin_shards: false,
+            limits: Limits::default(),
+        };
+        assert!(!format!("{config:?}").contains("very-secret-key"));
+    }
+}

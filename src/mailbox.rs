@@ -1,0 +1,131 @@
+//! Cross-thread message passing between the router and the shards.
+//!
+//! A mailbox is a bounded crossbeam channel plus a waker slot. The sender
+//! pushes a message and wakes whichever task last waited on the receiver;
+//! glommio turns that foreign wake into an eventfd write, so a shard whose
+//! receiving task runs in a latency-sensitive queue sees the message at its
+//! next task boundary instead of at the end of its time slice. Neither side
+//! polls. The channel and the waker slot are the only things shared; the
+//! messages themselves move.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use atomic_waker::AtomicWaker;
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+
+/// Creates a mailbox holding at most `capacity` messages.
+pub fn mailbox<T>(capacity: usize) -> (MailboxSender<T>, MailboxReceiver<T>) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let waker = Arc::new(AtomicWaker::new());
+    (
+        MailboxSender {
+            tx,
+            waker: waker.clone(),
+        },
+        MailboxReceiver { rx, waker },
+    )
+}
+
+/// The sending half; cheap to clone, usable from any thread.
+pub struct MailboxSender<T> {
+    tx: Sender<T>,
+    waker: Arc<AtomicWaker>,
+}
+
+impl<T> Clone for MailboxSender<T> {
+    fn clone(&self) -> Self {
+        MailboxSender {
+            tx: self.tx.clone(),
+            waker: self.waker.clone(),
+        }
+    }
+}
+
+impl<T> MailboxSender<T> {
+    /// Queues `message` without blocking; a full or closed mailbox gives it
+    /// back.
+    pub fn try_send(&self, message: T) -> Result<(), TrySendError<T>> {
+        self.tx.try_send(message)?;
+        self.waker.wake();
+        Ok(())
+    }
+}
+
+/// The receiving half, owned by exactly one task.
+pub struct MailboxReceiver<T> {
+    rx: Receiver<T>,
+    waker: Arc<AtomicWaker>,
+}
+
+impl<T> MailboxReceiver<T> {
+    /// Waits for the next message; `None` once every sender is gone and the
+    /// mailbox is empty.
+    pub fn recv(&self) -> Recv<'_, T> {
+        Recv { receiver: self }
+    }
+
+    /// Takes a message if one is waiting.
+    pub fn try_recv(&self) -> Option<T> {
+        self.rx.try_recv().ok()
+    }
+}
+
+/// Future returned by [`MailboxReceiver::recv`].
+pub struct Recv<'a, T> {
+    receiver: &'a MailboxReceiver<T>,
+}
+
+impl<T> Future for Recv<'_, T> {
+    type Output = Option<T>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let receiver = self.receiver;
+        match receiver.rx.try_recv() {
+            Ok(message) => return Poll::Ready(Some(message)),
+            Err(TryRecvError::Disconnected) => return Poll::Ready(None),
+            Err(TryRecvError::Empty) => {}
+        }
+
+        // Register, then look again: a message sent between the first look
+        // and the registration would otherwise wait for the next one.
+        receiver.waker.register(cx.waker());
+        match receiver.rx.try_recv() {
+            Ok(message) => Poll::Ready(Some(message)),
+            Err(TryRecvError::Disconnected) => Poll::Ready(None),
+            Err(TryRecvError::Empty) => Poll::Pending,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn message_crosses_threads_and_wakes_the_receiver() {
+        let (tx, rx) = mailbox::<u32>(4);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.try_send(7).map_err(|_| "send failed")
+        });
+        let got = futures_lite::future::block_on(rx.recv());
+        assert_eq!(got, Some(7));
+        assert!(sender.join().unwrap().is_ok());
+        // Every sender is gone now.
+        assert_eq!(futures_lite::future::block_on(rx.recv()), None);
+    }
+
+    #[test]
+    fn full_mailbox_returns_the_message() {
+        let (tx, _rx) = mailbox::<u32>(1);
+        assert!(tx.try_send(1).is_ok());
+        match tx.try_send(2) {
+            Err(TrySendError::Full(2)) => {}
+            other => panic!("expected Full(2), got {other:?}"),
+        }
+    }
+}

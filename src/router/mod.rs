@@ -1,0 +1,366 @@
+//! The router: accepts TCP connections, reads each request head under a
+//! deadline, answers plain HTTP itself and hands verified WebSocket upgrades
+//! to the owning shard.
+//!
+//! The router runs on its own glommio executor, one task per connection, so
+//! a slow or half-sent request never blocks another. It keeps no per-user
+//! state and never reads a shard's counts: a shard decides for itself whether
+//! it has room, after the hand-off.
+
+mod api;
+mod upgrade;
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::http::{self, HeadError, RequestHead};
+use crate::mailbox::{self, MailboxSender};
+use crate::metrics;
+use crate::shard::message::{Endpoint, ShardMessage, ShardStats};
+
+/// Which routes a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// WebSocket upgrades and health; also the API and metrics when no
+    /// private listener is configured.
+    Public { with_api: bool },
+    /// API, metrics and health only.
+    Private,
+}
+
+/// Router-side counters, for `/metrics`.
+#[derive(Default)]
+pub struct RouterCounters {
+    pub accepted: Cell<u64>,
+    pub handed_off: Cell<u64>,
+    pub api_requests: Cell<u64>,
+    /// Refused requests by reason.
+    pub refused: RefCell<BTreeMap<&'static str, u64>>,
+}
+
+impl RouterCounters {
+    pub fn refuse(&self, reason: &'static str) {
+        *self.refused.borrow_mut().entry(reason).or_default() += 1;
+    }
+}
+
+/// The router's state, owned by its thread.
+pub struct Router {
+    config: Arc<Config>,
+    verifier: Arc<Verifier>,
+    shards: Vec<MailboxSender<ShardMessage>>,
+    /// Set by the process when it starts draining; `/readyz` then says 503.
+    draining: Arc<AtomicBool>,
+    counters: RouterCounters,
+    queue: TaskQueueHandle,
+}
+
+/// What the answer to a request does to the connection afterwards.
+enum After {
+    KeepAlive,
+    Close,
+    /// The socket went to a shard (or was answered and closed).
+    HandedOff,
+}
+
+/// Starts the router on its own thread with the already bound listeners.
+pub fn spawn(
+    config: Arc<Config>,
+    verifier: Arc<Verifier>,
+    shards: Vec<MailboxSender<ShardMessage>>,
+    listeners: Vec<(std::net::TcpListener, Role)>,
+    draining: Arc<AtomicBool>,
+) -> glommio::Result<glommio::ExecutorJoinHandle<()>, ()> {
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .name("router")
+        .io_memory(0)
+        .spawn(move || async move {
+            // Every router task runs in one latency-sensitive queue, so that
+            // a shard's reply wakes it promptly even while it is busy.
+            let queue = glommio::executor().create_task_queue(
+                Shares::default(),
+                Latency::Matters(Duration::from_millis(1)),
+                "router",
+            );
+            let router = Rc::new(Router {
+                config,
+                verifier,
+                shards,
+                draining,
+                counters: RouterCounters::default(),
+                queue,
+            });
+            let mut loops = Vec::new();
+            for (listener, role) in listeners {
+                // SAFETY: the descriptor comes from a std listener consumed
+                // here; the glommio listener becomes its only owner.
+                let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+                let task =
+                    glommio::spawn_local_into(router.clone().accept_loop(listener, role), queue);
+                match task {
+                    Ok(task) => loops.push(task),
+                    Err(err) => tracing::error!(cause = %err, "cannot start accept loop"),
+                }
+            }
+            for task in loops {
+                task.await;
+            }
+        })
+}
+
+impl Router {
+    async fn accept_loop(self: Rc<Self>, listener: TcpListener, role: Role) {
+        loop {
+            let stream = match listener.accept().await {
+                Ok(stream) => stream,
+                Err(err) => {
+                    // Out of descriptors or memory: back off instead of
+                    // spinning; open connections keep working meanwhile.
+                    tracing::warn!(cause = %err, "accept failed; backing off");
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            self.counters.accepted.set(self.counters.accepted.get() + 1);
+            let task = glommio::spawn_local_into(self.clone().serve(stream, role), self.queue);
+            match task {
+                Ok(task) => {
+                    task.detach();
+                }
+                Err(err) => tracing::error!(cause = %err, "cannot spawn connection task"),
+            }
+        }
+    }
+
+    /// Serves one TCP connection: requests in turn (keep-alive) until a
+    /// WebSocket upgrade hands it off or either side closes.
+    async fn serve(self: Rc<Self>, mut stream: TcpStream, role: Role) {
+        let accepted_at = Instant::now();
+        let peer = stream
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        // Small frames must not wait for Nagle's algorithm.
+        let _ = stream.set_nodelay(true);
+
+        let limits = &self.config.limits;
+        let mut buf = Vec::new();
+        let mut deadline = accepted_at + limits.handshake_timeout;
+        let mut first = true;
+        loop {
+            let read = http::read_head(
+                &mut stream,
+                &mut buf,
+                limits.max_request_head,
+                limits.max_headers,
+            );
+            let (head, head_len) = match http::before(deadline, read).await {
+                Ok(parsed) => parsed,
+                Err(err) => {
+                    self.head_failed(&mut stream, err, peer, first && buf.is_empty())
+                        .await;
+                    return;
+                }
+            };
+            first = false;
+
+            let after = self
+                .route(
+                    &mut stream,
+                    role,
+                    head,
+                    &mut buf,
+                    head_len,
+                    peer,
+                    accepted_at,
+                    deadline,
+                )
+                .await;
+            match after {
+                After::KeepAlive => {}
+                After::Close | After::HandedOff => return,
+            }
+            deadline = Instant::now() + limits.http_idle_timeout;
+        }
+    }
+
+    async fn head_failed(
+        &self,
+        stream: &mut TcpStream,
+        err: HeadError,
+        peer: SocketAddr,
+        silent: bool,
+    ) {
+        match err {
+            HeadError::Closed | HeadError::Io(_) => return,
+            // An idle keep-alive connection timing out is not a refusal.
+            HeadError::TimedOut if silent => return,
+            _ => {}
+        }
+        self.counters.refuse(err.reason());
+        tracing::debug!(peer = %peer, reason = err.reason(), "bad request head");
+        if let Some(status) = err.status() {
+            let mut out = Vec::new();
+            http::write_response(
+                &mut out,
+                status,
+                &[],
+                "text/plain",
+                err.to_string().as_bytes(),
+                false,
+            );
+            let _ = http::write_all(stream, &out).await;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn route(
+        &self,
+        stream: &mut TcpStream,
+        role: Role,
+        head: RequestHead,
+        buf: &mut Vec<u8>,
+        head_len: usize,
+        peer: SocketAddr,
+        accepted_at: Instant,
+        deadline: Instant,
+    ) -> After {
+        let keep_alive = head.keep_alive();
+        let serves_api = matches!(role, Role::Private | Role::Public { with_api: true });
+        let public = matches!(role, Role::Public { .. });
+        let path = head.path.clone();
+
+        let endpoint = match path.as_str() {
+            "/ws" if public => Some(Endpoint::Protocol),
+            "/ws/echo" if public && self.config.enable_echo => Some(Endpoint::Echo),
+            _ => None,
+        };
+        if let Some(endpoint) = endpoint {
+            let early = buf.split_off(head_len);
+            buf.clear();
+            let request = upgrade::Upgrade {
+                head,
+                early,
+                peer,
+                accepted_at,
+                deadline,
+                endpoint,
+            };
+            self.upgrade(stream, request).await;
+            return After::HandedOff;
+        }
+
+        let mut out = Vec::new();
+        let mut close = !keep_alive;
+        match path.as_str() {
+            "/healthz" | "/readyz" | "/metrics"
+                if head.method != "GET" && head.method != "HEAD" =>
+            {
+                http::write_response(
+                    &mut out,
+                    405,
+                    &[("Allow", "GET")],
+                    "text/plain",
+                    b"",
+                    keep_alive,
+                );
+            }
+            "/healthz" => {
+                http::write_response(&mut out, 200, &[], "text/plain", b"ok\n", keep_alive);
+            }
+            "/readyz" => {
+                let (status, body): (u16, &[u8]) = if self.draining.load(Ordering::Relaxed) {
+                    (503, b"draining\n")
+                } else {
+                    (200, b"ready\n")
+                };
+                http::write_response(&mut out, status, &[], "text/plain", body, keep_alive);
+            }
+            "/metrics" if serves_api => {
+                let body = self.metrics().await;
+                http::write_response(
+                    &mut out,
+                    200,
+                    &[],
+                    metrics::CONTENT_TYPE,
+                    body.as_bytes(),
+                    keep_alive,
+                );
+            }
+            api if serves_api && api.starts_with("/api/") => {
+                self.counters
+                    .api_requests
+                    .set(self.counters.api_requests.get() + 1);
+                let answer = self.api(stream, &head, buf, head_len, deadline).await;
+                close |= answer.close;
+                let headers: Vec<(&str, &str)> = answer
+                    .headers
+                    .iter()
+                    .map(|(n, v)| (*n, v.as_str()))
+                    .collect();
+                http::write_response(
+                    &mut out,
+                    answer.status,
+                    &headers,
+                    "application/json",
+                    &answer.body,
+                    !close,
+                );
+                if close {
+                    let _ = http::write_all(stream, &out).await;
+                    return After::Close;
+                }
+                buf.drain(..answer.consumed.min(buf.len()));
+                return match http::write_all(stream, &out).await {
+                    Ok(()) => After::KeepAlive,
+                    Err(_) => After::Close,
+                };
+            }
+            _ => {
+                http::write_response(&mut out, 404, &[], "text/plain", b"not found\n", keep_alive);
+            }
+        }
+
+        // Requests other than the API carry no body this server reads: a
+        // declared one is refused by closing after the answer.
+        if head
+            .header("content-length")
+            .is_some_and(|v| v.trim_ascii() != b"0")
+            || head.header("transfer-encoding").is_some()
+        {
+            close = true;
+        }
+        buf.drain(..head_len);
+        if http::write_all(stream, &out).await.is_err() || close {
+            return After::Close;
+        }
+        After::KeepAlive
+    }
+
+    /// Gathers every shard's counters by message and renders them.
+    async fn metrics(&self) -> String {
+        let deadline = Instant::now() + self.config.limits.shard_reply_timeout;
+        let mut stats: Vec<ShardStats> = Vec::with_capacity(self.shards.len());
+        for shard in &self.shards {
+            let (reply, answer) = mailbox::mailbox(1);
+            if shard.try_send(ShardMessage::Stats { reply }).is_err() {
+                continue;
+            }
+            let wait = async { answer.recv().await.ok_or(HeadError::Closed) };
+            if let Ok(shard_stats) = http::before(deadline, wait).await {
+                stats.push(shard_stats);
+            }
+        }
+        metrics::render(&self.counters, self.shards.len(), &stats)
+    }
+}

@@ -1,0 +1,150 @@
+//! Start-up and wiring: bind the listeners, start the shards and the router,
+//! and wait.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::mailbox;
+use crate::router::{self, Role};
+use crate::shard;
+use crate::system;
+
+/// Listen backlog asked for; the kernel caps it at net.core.somaxconn.
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Why the server stopped or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Startup(#[from] system::StartupError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start an executor: {0}")]
+    Executor(String),
+}
+
+/// A running server's addresses, known once it listens.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub listen: SocketAddr,
+    pub api_listen: Option<SocketAddr>,
+}
+
+/// Runs the server until the router stops. `on_bound` is called once both
+/// listeners are bound and every executor has started.
+pub fn run(
+    mut config: Config,
+    verifier: Verifier,
+    connections_per_shard_given: bool,
+    on_bound: impl FnOnce(Bound),
+) -> Result<(), ServerError> {
+    // Limits first: they decide how many connections each shard may hold.
+    let report = system::prepare(config.shards + 1)?;
+    let derived_cap = (report.connection_descriptors / config.shards as u64).max(1) as usize;
+    if !connections_per_shard_given {
+        config.limits.max_connections_per_shard = derived_cap;
+    } else if config.limits.max_connections_per_shard > derived_cap {
+        tracing::warn!(
+            asked = config.limits.max_connections_per_shard,
+            descriptors_allow = derived_cap,
+            "RLIMIT_NOFILE allows fewer connections per shard than configured; \
+             accepts will fail beyond it (see tuning.md)"
+        );
+    }
+    if report.memlock.soft < report.memlock_wanted {
+        tracing::warn!(
+            found = report.memlock.soft,
+            wanted = report.memlock_wanted,
+            "RLIMIT_MEMLOCK is below what all executors register; some will skip \
+             buffer registration (file I/O only, no effect on sockets)"
+        );
+    }
+    tracing::info!(
+        memlock_soft = report.memlock.soft,
+        memlock_hard = report.memlock.hard,
+        memlock_needed = system::GLOMMIO_MEMLOCK_THRESHOLD,
+        nofile_soft = report.nofile.soft,
+        nofile_hard = report.nofile.hard,
+        connections_per_shard = config.limits.max_connections_per_shard,
+        "resource limits"
+    );
+
+    let listen = bind(config.listen)?;
+    let api_listen = config.api_listen.map(bind).transpose()?;
+    let bound = Bound {
+        listen: local_addr(&listen, config.listen),
+        api_listen: api_listen
+            .as_ref()
+            .zip(config.api_listen)
+            .map(|(l, a)| local_addr(l, a)),
+    };
+
+    let config = Arc::new(config);
+    let verifier = Arc::new(verifier);
+
+    // Shards, pinned round-robin over the CPUs this process may use.
+    let cpus = system::allowed_cpus();
+    let mut senders = Vec::with_capacity(config.shards);
+    let mut shard_handles = Vec::with_capacity(config.shards);
+    for index in 0..config.shards {
+        let (sender, inbox) = mailbox::mailbox(config.limits.handoff_queue);
+        let cpu = config.pin_shards.then(|| cpus[index % cpus.len()]);
+        let handle = shard::spawn(index, cpu, config.clone(), verifier.clone(), inbox)
+            .map_err(|err| ServerError::Executor(err.to_string()))?;
+        tracing::info!(shard = index, cpu = ?cpu, "shard placed");
+        senders.push(sender);
+        shard_handles.push(handle);
+    }
+
+    let mut listeners = vec![(
+        listen,
+        Role::Public {
+            with_api: api_listen.is_none(),
+        },
+    )];
+    if let Some(api) = api_listen {
+        listeners.push((api, Role::Private));
+    }
+    let draining = Arc::new(AtomicBool::new(false));
+    let router = router::spawn(config.clone(), verifier, senders, listeners, draining)
+        .map_err(|err| ServerError::Executor(err.to_string()))?;
+
+    tracing::info!(
+        listen = %bound.listen,
+        api_listen = ?bound.api_listen,
+        shards = config.shards,
+        cpus = ?cpus,
+        api = config.api_key.is_some(),
+        echo = config.enable_echo,
+        "shardgate listening"
+    );
+    on_bound(bound);
+
+    if let Err(err) = router.join() {
+        return Err(ServerError::Executor(err.to_string()));
+    }
+    for handle in shard_handles {
+        let _ = handle.join();
+    }
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    let listener = TcpListener::bind(addr).map_err(|source| ServerError::Bind { addr, source })?;
+    // std listens with a small backlog; ask for more so bursts of
+    // connections wait in the kernel instead of being dropped.
+    // SAFETY: listen() on a socket the listener owns and keeps open.
+    unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
+    Ok(listener)
+}
+
+fn local_addr(listener: &TcpListener, fallback: SocketAddr) -> SocketAddr {
+    listener.local_addr().unwrap_or(fallback)
+}

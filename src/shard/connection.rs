@@ -1,0 +1,404 @@
+//! One WebSocket connection's task, from the 101 answer to the socket's close.
+//!
+//! The task waits for two things at once: bytes from its socket, and frames
+//! queued in its outbox by its user's manager. Bytes are read into the
+//! shard's scratch buffer and decoded there, so an idle connection owns no
+//! read buffer; the outbox is written with one system call per wake-up. The
+//! task touches only its own socket, its outbox, and (through the shard) its
+//! own user's manager.
+
+use std::future::poll_fn;
+use std::io;
+use std::ops::ControlFlow;
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+
+use super::Shard;
+use super::message::Endpoint;
+use super::outbox::ConnectionHandle;
+use super::protocol::{self, ClientFrame, Refusal};
+use crate::ws::codec::{Inbound, MessageDecoder, OpCode};
+
+/// What woke the task.
+enum IoEvent {
+    Read(usize),
+    /// Everything queued has been written (only reported when asked for).
+    Flushed,
+    CloseRequested(u16, &'static str),
+    Eof,
+    Failed(io::Error),
+}
+
+/// How the open phase ended.
+pub enum Ending {
+    /// The peer went away (EOF or socket error): nothing more to send.
+    Gone,
+    /// The peer sent Close: echo it, then drop the socket.
+    PeerClosed(Option<u16>),
+    /// The server closes: send Close, wait for the peer's, drop the socket.
+    Close(u16, &'static str),
+}
+
+/// Per-connection state owned by the task.
+pub struct Connection {
+    shard: Rc<Shard>,
+    handle: Rc<ConnectionHandle>,
+    endpoint: Endpoint,
+    decoder: MessageDecoder,
+    /// Accept time, until the 101 has been written.
+    accepted_at: Option<Instant>,
+    /// False once decoding stopped mid-input (a violation, or a frame that
+    /// ended the connection): the byte stream can no longer be followed.
+    in_sync: bool,
+}
+
+impl Connection {
+    pub fn new(
+        shard: Rc<Shard>,
+        handle: Rc<ConnectionHandle>,
+        endpoint: Endpoint,
+        accepted_at: Instant,
+    ) -> Self {
+        Connection {
+            shard,
+            handle,
+            endpoint,
+            decoder: MessageDecoder::new(),
+            accepted_at: Some(accepted_at),
+            in_sync: true,
+        }
+    }
+
+    /// Runs the connection to its end. The 101 answer is already queued.
+    pub async fn run(mut self, mut stream: TcpStream, mut early_bytes: Vec<u8>) {
+        let mut ending = None;
+        if !early_bytes.is_empty() {
+            if let ControlFlow::Break(end) = self.on_bytes(&mut early_bytes) {
+                ending = Some(end);
+            }
+        }
+        drop(early_bytes);
+
+        let ending = match ending {
+            Some(end) => end,
+            None => self.open_phase(&mut stream).await,
+        };
+
+        // From here on the connection receives nothing more from its user.
+        self.shard.forget(&self.handle);
+        match ending {
+            Ending::Gone => {}
+            Ending::PeerClosed(code) => {
+                // RFC 6455 §5.5.1: answer a Close with a Close, echoing the
+                // status code, then close the TCP connection (§7.1.1).
+                self.queue_close(code.unwrap_or(1000), "");
+                self.closing_phase(&mut stream, false).await;
+            }
+            Ending::Close(code, reason) => {
+                // RFC 6455 §7.1.2: send Close, then wait for the peer's
+                // Close (or its FIN) before dropping the socket, so that
+                // unread input cannot turn our close into a reset that
+                // destroys the Close frame in flight.
+                self.queue_close(code, reason);
+                self.closing_phase(&mut stream, true).await;
+            }
+        }
+        self.shard.connection_closed(self.endpoint);
+    }
+
+    async fn open_phase(&mut self, stream: &mut TcpStream) -> Ending {
+        loop {
+            let event = poll_fn(|cx| self.poll_io(cx, stream, true, false, true)).await;
+            match event {
+                IoEvent::Read(n) => {
+                    let shard = self.shard.clone();
+                    let mut scratch = shard.read_buf.borrow_mut();
+                    let step = self.on_bytes(&mut scratch[..n]);
+                    drop(scratch);
+                    if let ControlFlow::Break(end) = step {
+                        return end;
+                    }
+                }
+                IoEvent::CloseRequested(code, reason) => return Ending::Close(code, reason),
+                IoEvent::Eof | IoEvent::Flushed => return Ending::Gone,
+                IoEvent::Failed(err) => {
+                    tracing::debug!(conn = self.handle.id, cause = %err, "socket error");
+                    return Ending::Gone;
+                }
+            }
+
+            // A client that keeps its socket full must not keep the shard.
+            glommio::yield_if_needed().await;
+        }
+    }
+
+    /// Writes what is queued (the Close last), shuts down the write side and,
+    /// when `await_peer`, reads until the peer's Close or FIN, all within the
+    /// close timeout.
+    async fn closing_phase(&mut self, stream: &mut TcpStream, await_peer: bool) {
+        let limit = self.shard.config.limits.close_timeout;
+        let deadline = Instant::now() + limit;
+        let mut flushed = false;
+        let work = async {
+            loop {
+                let read = await_peer && flushed;
+                let stop_when_flushed = !flushed;
+                let event =
+                    poll_fn(|cx| self.poll_io(cx, stream, read, stop_when_flushed, false)).await;
+                match event {
+                    IoEvent::Flushed => {
+                        flushed = true;
+                        // SAFETY: shutdown on the descriptor the stream owns
+                        // and keeps open; it only ends our sending side.
+                        unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+                        if !await_peer {
+                            return;
+                        }
+                    }
+                    IoEvent::Read(n) => {
+                        let shard = self.shard.clone();
+                        let mut scratch = shard.read_buf.borrow_mut();
+                        let peer_closed = self.drain_until_close(&mut scratch[..n]);
+                        drop(scratch);
+                        if peer_closed {
+                            return;
+                        }
+                    }
+                    IoEvent::CloseRequested(..) => {}
+                    IoEvent::Eof | IoEvent::Failed(_) => return,
+                }
+            }
+        };
+        let timer = async {
+            glommio::timer::Timer::new(deadline.saturating_duration_since(Instant::now())).await;
+        };
+        futures_lite::future::or(work, timer).await;
+    }
+
+    /// Waits for the next I/O event. Writes everything queued first.
+    fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        stream: &mut TcpStream,
+        read: bool,
+        report_flushed: bool,
+        watch_close: bool,
+    ) -> Poll<IoEvent> {
+        let mut outbox = self.handle.outbox.borrow_mut();
+
+        // Write: one send() for everything queued since the last one.
+        while !outbox.buf.is_empty() {
+            match Pin::new(&mut *stream).poll_write(cx, &outbox.buf) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Eof),
+                Poll::Ready(Ok(n)) => {
+                    outbox.consume(n);
+                    if let Some(accepted_at) = self.accepted_at.take() {
+                        self.shard.record_handoff_latency(accepted_at.elapsed());
+                    }
+                }
+                Poll::Ready(Err(err)) => return Poll::Ready(IoEvent::Failed(err)),
+                Poll::Pending => break,
+            }
+        }
+        if report_flushed && outbox.buf.is_empty() {
+            return Poll::Ready(IoEvent::Flushed);
+        }
+        if watch_close {
+            // The request stays set, so that later frames are still refused.
+            if let Some(request) = outbox.close {
+                return Poll::Ready(IoEvent::CloseRequested(request.code, request.reason));
+            }
+        }
+        let waker_is_current = outbox
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()));
+        if !waker_is_current {
+            outbox.waker = Some(cx.waker().clone());
+        }
+        drop(outbox);
+
+        // Read into the shard's scratch buffer.
+        if read {
+            let mut scratch = self.shard.read_buf.borrow_mut();
+            match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Eof),
+                Poll::Ready(Ok(n)) => return Poll::Ready(IoEvent::Read(n)),
+                Poll::Ready(Err(err)) => return Poll::Ready(IoEvent::Failed(err)),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Decodes and handles bytes from the peer. Breaks with how the
+    /// connection must end.
+    fn on_bytes(&mut self, input: &mut [u8]) -> ControlFlow<Ending> {
+        let shard = &self.shard;
+        let handle = &self.handle;
+        let endpoint = self.endpoint;
+        let limits = shard.message_limits();
+        let mut ending = None;
+
+        let decoded = self.decoder.feed(input, &limits, |inbound| {
+            let step = match inbound {
+                Inbound::Text(text) => match endpoint {
+                    Endpoint::Echo => shard.reply_frame(handle, OpCode::Text, text.as_bytes()),
+                    Endpoint::Protocol => handle_text(shard, handle, text),
+                },
+                Inbound::Binary(bytes) => match endpoint {
+                    Endpoint::Echo => shard.reply_frame(handle, OpCode::Binary, bytes),
+                    Endpoint::Protocol => shard.reply_error(
+                        handle,
+                        "bad_message",
+                        None,
+                        "binary frames are not accepted",
+                    ),
+                },
+                Inbound::Ping(payload) => shard.reply_frame(handle, OpCode::Pong, payload),
+                Inbound::Pong(_) => ControlFlow::Continue(()),
+                Inbound::Close(code, _reason) => ControlFlow::Break(Ending::PeerClosed(code)),
+            };
+            match step {
+                ControlFlow::Continue(()) => ControlFlow::Continue(()),
+                ControlFlow::Break(end) => {
+                    ending = Some(end);
+                    ControlFlow::Break(())
+                }
+            }
+        });
+
+        if let Err(err) = decoded {
+            shard
+                .counters
+                .protocol_errors
+                .set(shard.counters.protocol_errors.get() + 1);
+            tracing::debug!(
+                conn = handle.id,
+                user = %handle.user,
+                reason = err.reason(),
+                "protocol violation; closing"
+            );
+            self.in_sync = false;
+            return ControlFlow::Break(Ending::Close(err.close_code(), err.reason()));
+        }
+        match ending {
+            Some(end) => {
+                self.in_sync = false;
+                ControlFlow::Break(end)
+            }
+            None => ControlFlow::Continue(()),
+        }
+    }
+
+    /// While closing: true once the peer's Close (or garbage) has arrived.
+    /// When the stream is out of sync, input is discarded until FIN.
+    fn drain_until_close(&mut self, input: &mut [u8]) -> bool {
+        if !self.in_sync {
+            return false;
+        }
+        let limits = self.shard.message_limits();
+        let mut closed = false;
+        let decoded = self.decoder.feed(input, &limits, |inbound| {
+            if let Inbound::Close(..) = inbound {
+                closed = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        });
+        if decoded.is_err() {
+            self.in_sync = false;
+        }
+        closed
+    }
+
+    fn queue_close(&self, code: u16, reason: &str) {
+        self.handle.outbox.borrow_mut().push_close(code, reason);
+    }
+}
+
+/// Handles one text message on `/ws`. Breaks when the connection must close.
+fn handle_text(shard: &Shard, handle: &ConnectionHandle, text: &str) -> ControlFlow<Ending> {
+    shard
+        .counters
+        .messages_received
+        .set(shard.counters.messages_received.get() + 1);
+
+    match protocol::parse(text, &handle.user) {
+        Ok(ClientFrame::Send { id, data }) => shard.client_send(handle, id, data),
+        Ok(ClientFrame::Ping { id }) => {
+            let mut reply = shard.reply_buf.borrow_mut();
+            reply.clear();
+            protocol::write_pong(&mut reply, id);
+            shard.reply_frame(handle, OpCode::Text, &reply)
+        }
+        Ok(ClientFrame::Refresh { id, token }) => refresh(shard, handle, id, &token),
+        Err(Refusal::BadMessage { id, detail }) => {
+            shard.reply_error(handle, "bad_message", id, detail)
+        }
+        Err(Refusal::Forbidden { id }) => {
+            tracing::warn!(
+                target: "audit",
+                event = "forbidden_user_id",
+                user = %handle.user,
+                conn = handle.id,
+                shard = shard.index,
+                "frame named another user; refused"
+            );
+            shard.reply_error(
+                handle,
+                "forbidden",
+                id,
+                "user_id does not match the connection",
+            )
+        }
+    }
+}
+
+/// `refresh`: a valid token for the same user replaces the expiry; anything
+/// else closes the connection with 4001.
+fn refresh(
+    shard: &Shard,
+    handle: &ConnectionHandle,
+    id: &serde_json::value::RawValue,
+    token: &str,
+) -> ControlFlow<Ending> {
+    let claims = match shard.verifier.verify(token) {
+        Ok(claims) => claims,
+        Err(err) => {
+            tracing::warn!(
+                target: "audit",
+                event = "refresh_refused",
+                reason = err.reason(),
+                user = %handle.user,
+                conn = handle.id,
+                "refresh token refused; closing with 4001"
+            );
+            return ControlFlow::Break(Ending::Close(4001, "refresh refused"));
+        }
+    };
+    if claims.sub.as_bytes() != handle.user.as_bytes() {
+        tracing::warn!(
+            target: "audit",
+            event = "identity_mismatch",
+            user = %handle.user,
+            token_user = %claims.sub,
+            conn = handle.id,
+            "refresh token names another user; closing with 4001"
+        );
+        return ControlFlow::Break(Ending::Close(4001, "refresh refused"));
+    }
+
+    handle.expires_at.set(claims.exp);
+    handle.issued_at.set(claims.iat);
+    let mut reply = shard.reply_buf.borrow_mut();
+    reply.clear();
+    protocol::write_refreshed(&mut reply, id, claims.exp);
+    shard.reply_frame(handle, OpCode::Text, &reply)
+}

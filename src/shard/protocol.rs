@@ -1,0 +1,383 @@
+//! Wire protocol v1: the JSON envelopes of `/ws`.
+//!
+//! Parsing is strict (unknown `type`, unknown or misplaced fields and bad
+//! JSON are `bad_message`), except for one rule that comes first: a frame
+//! carrying a `user_id` other than the connection's own user is `forbidden`,
+//! whatever else is wrong with it. Writers build the server's frames straight
+//! into a byte buffer; `data` is copied through as raw JSON, never re-encoded.
+//! Error details are fixed strings and never echo input.
+
+use std::fmt;
+use std::io::Write;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// Longest `id` accepted, in bytes of JSON.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// A valid client frame.
+#[derive(Debug)]
+pub enum ClientFrame<'a> {
+    Send {
+        id: &'a RawValue,
+        data: &'a RawValue,
+    },
+    Ping {
+        id: &'a RawValue,
+    },
+    Refresh {
+        id: &'a RawValue,
+        token: String,
+    },
+}
+
+/// Why a client frame is refused. `id` is the frame's id when it had a
+/// usable one.
+#[derive(Debug)]
+pub enum Refusal<'a> {
+    BadMessage {
+        id: Option<&'a RawValue>,
+        detail: &'static str,
+    },
+    Forbidden {
+        id: Option<&'a RawValue>,
+    },
+}
+
+/// The fields of an envelope, each kept as raw JSON until validated.
+#[derive(Default)]
+struct Envelope<'a> {
+    kind: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    data: Option<&'a RawValue>,
+    token: Option<&'a RawValue>,
+    user_id: Option<&'a RawValue>,
+    unknown_field: bool,
+    duplicate_field: bool,
+}
+
+enum Key {
+    Type,
+    Id,
+    Data,
+    Token,
+    UserId,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl Visitor<'_> for KeyVisitor {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, name: &str) -> Result<Key, E> {
+                Ok(match name {
+                    "type" => Key::Type,
+                    "id" => Key::Id,
+                    "data" => Key::Data,
+                    "token" => Key::Token,
+                    "user_id" => Key::UserId,
+                    _ => Key::Other,
+                })
+            }
+        }
+        deserializer.deserialize_identifier(KeyVisitor)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EnvelopeVisitor;
+        impl<'de> Visitor<'de> for EnvelopeVisitor {
+            type Value = Envelope<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Envelope<'de>, M::Error> {
+                let mut envelope = Envelope::default();
+                while let Some(key) = map.next_key::<Key>()? {
+                    let slot = match key {
+                        Key::Type => &mut envelope.kind,
+                        Key::Id => &mut envelope.id,
+                        Key::Data => &mut envelope.data,
+                        Key::Token => &mut envelope.token,
+                        Key::UserId => &mut envelope.user_id,
+                        Key::Other => {
+                            envelope.unknown_field = true;
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    let value: &'de RawValue = map.next_value()?;
+                    if slot.replace(value).is_some() {
+                        envelope.duplicate_field = true;
+                    }
+                }
+                Ok(envelope)
+            }
+        }
+        deserializer.deserialize_map(EnvelopeVisitor)
+    }
+}
+
+/// Parses one text message of a connection owned by `user`.
+pub fn parse<'a>(text: &'a str, user: &str) -> Result<ClientFrame<'a>, Refusal<'a>> {
+    let Ok(envelope) = serde_json::from_str::<Envelope<'a>>(text) else {
+        return Err(Refusal::BadMessage {
+            id: None,
+            detail: "not a JSON object",
+        });
+    };
+    let id = envelope.id.filter(|raw| usable_id(raw));
+
+    // The user_id rule comes before every other check.
+    if let Some(claimed) = envelope.user_id {
+        let same_user = serde_json::from_str::<String>(claimed.get())
+            .map(|claimed| claimed.as_bytes() == user.as_bytes())
+            .unwrap_or(false);
+        if !same_user {
+            return Err(Refusal::Forbidden { id });
+        }
+    }
+
+    let bad = |detail| Err(Refusal::BadMessage { id, detail });
+    if envelope.duplicate_field {
+        return bad("duplicate field");
+    }
+    if envelope.unknown_field {
+        return bad("unknown field");
+    }
+    let Some(kind) = envelope.kind else {
+        return bad("missing type");
+    };
+    let Some(id) = id else {
+        return bad("missing or invalid id");
+    };
+
+    match json_str(kind).as_deref() {
+        Some("send") => match (envelope.data, envelope.token) {
+            (Some(data), None) => Ok(ClientFrame::Send { id, data }),
+            (None, _) => bad("send needs data"),
+            (Some(_), Some(_)) => bad("unknown field"),
+        },
+        Some("ping") => match (envelope.data, envelope.token) {
+            (None, None) => Ok(ClientFrame::Ping { id }),
+            _ => bad("unknown field"),
+        },
+        Some("refresh") => {
+            if envelope.data.is_some() {
+                return bad("unknown field");
+            }
+            let token = envelope
+                .token
+                .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+            match token {
+                Some(token) => Ok(ClientFrame::Refresh { id, token }),
+                None => bad("refresh needs a token string"),
+            }
+        }
+        _ => bad("unknown type"),
+    }
+}
+
+/// The string a raw JSON value holds, if it is a string; borrowed when it
+/// has no escapes, which is the common case.
+fn json_str(raw: &RawValue) -> Option<std::borrow::Cow<'_, str>> {
+    let text = raw.get();
+    let inner = text.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(std::borrow::Cow::Borrowed(inner));
+    }
+    serde_json::from_str::<String>(text)
+        .ok()
+        .map(std::borrow::Cow::Owned)
+}
+
+/// An id must be a JSON string or number of bounded size.
+fn usable_id(raw: &RawValue) -> bool {
+    let text = raw.get();
+    text.len() <= MAX_ID_BYTES && matches!(text.as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9'))
+}
+
+fn write_json_str(out: &mut Vec<u8>, value: &str) {
+    // Serialising a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, value);
+}
+
+/// `{"type":"welcome","user":U,"conn":C,"epoch":E,"seq":S}`
+pub fn write_welcome(out: &mut Vec<u8>, user: &str, conn: u64, epoch: u64, seq: u64) {
+    out.extend_from_slice(br#"{"type":"welcome","user":"#);
+    write_json_str(out, user);
+    let _ = write!(out, r#","conn":{conn},"epoch":{epoch},"seq":{seq}}}"#);
+}
+
+/// `{"type":"message","epoch":E,"seq":S,"source":X,"data":D}`
+pub fn write_message(out: &mut Vec<u8>, epoch: u64, seq: u64, source: &str, data: &RawValue) {
+    let _ = write!(
+        out,
+        r#"{{"type":"message","epoch":{epoch},"seq":{seq},"source":"{source}","data":"#
+    );
+    out.extend_from_slice(data.get().as_bytes());
+    out.push(b'}');
+}
+
+/// `{"type":"ack","id":I,"epoch":E,"seq":S}`
+pub fn write_ack(out: &mut Vec<u8>, id: &RawValue, epoch: u64, seq: u64) {
+    out.extend_from_slice(br#"{"type":"ack","id":"#);
+    out.extend_from_slice(id.get().as_bytes());
+    let _ = write!(out, r#","epoch":{epoch},"seq":{seq}}}"#);
+}
+
+/// `{"type":"pong","id":I}`
+pub fn write_pong(out: &mut Vec<u8>, id: &RawValue) {
+    out.extend_from_slice(br#"{"type":"pong","id":"#);
+    out.extend_from_slice(id.get().as_bytes());
+    out.push(b'}');
+}
+
+/// `{"type":"refreshed","id":I,"exp":X}`
+pub fn write_refreshed(out: &mut Vec<u8>, id: &RawValue, exp: u64) {
+    out.extend_from_slice(br#"{"type":"refreshed","id":"#);
+    out.extend_from_slice(id.get().as_bytes());
+    let _ = write!(out, r#","exp":{exp}}}"#);
+}
+
+/// `{"type":"error","code":K,"id":I,"detail":T}`; `id` is null when absent.
+pub fn write_error(out: &mut Vec<u8>, code: &str, id: Option<&RawValue>, detail: &str) {
+    out.extend_from_slice(br#"{"type":"error","code":"#);
+    write_json_str(out, code);
+    out.extend_from_slice(br#","id":"#);
+    match id {
+        Some(id) => out.extend_from_slice(id.get().as_bytes()),
+        None => out.extend_from_slice(b"null"),
+    }
+    out.extend_from_slice(br#","detail":"#);
+    write_json_str(out, detail);
+    out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn bad_detail(text: &str) -> &'static str {
+        match parse(text, "alice") {
+            Err(Refusal::BadMessage { detail, .. }) => detail,
+            other => panic!("expected bad_message for {text}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_frames() {
+        match parse(r#"{"type":"send","id":1,"data":{"x":[1,2]}}"#, "alice") {
+            Ok(ClientFrame::Send { id, data }) => {
+                assert_eq!(id.get(), "1");
+                assert_eq!(data.get(), r#"{"x":[1,2]}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(r#"{"type":"ping","id":"a"}"#, "alice"),
+            Ok(ClientFrame::Ping { .. })
+        ));
+        match parse(r#"{"type":"refresh","id":2,"token":"t.t.t"}"#, "alice") {
+            Ok(ClientFrame::Refresh { token, .. }) => assert_eq!(token, "t.t.t"),
+            other => panic!("{other:?}"),
+        }
+        // A user_id equal to the connection's user is ignored, escapes included.
+        assert!(matches!(
+            parse(r#"{"type":"ping","id":1,"user_id":"\u0061lice"}"#, "alice"),
+            Ok(ClientFrame::Ping { .. })
+        ));
+    }
+
+    #[test]
+    fn strictness() {
+        assert_eq!(bad_detail("not json"), "not a JSON object");
+        assert_eq!(bad_detail("[1]"), "not a JSON object");
+        assert_eq!(bad_detail(r#"{"type":"send","id":1}"#), "send needs data");
+        assert_eq!(bad_detail(r#"{"type":"nope","id":1}"#), "unknown type");
+        assert_eq!(
+            bad_detail(r#"{"type":"ping","id":1,"x":0}"#),
+            "unknown field"
+        );
+        assert_eq!(
+            bad_detail(r#"{"type":"ping","id":1,"data":0}"#),
+            "unknown field"
+        );
+        assert_eq!(bad_detail(r#"{"type":"ping"}"#), "missing or invalid id");
+        assert_eq!(
+            bad_detail(r#"{"type":"ping","id":{}}"#),
+            "missing or invalid id"
+        );
+        assert_eq!(
+            bad_detail(r#"{"type":"ping","id":1,"id":2}"#),
+            "duplicate field"
+        );
+        assert_eq!(bad_detail(r#"{"type":5,"id":1}"#), "unknown type");
+        assert!(matches!(
+            parse(r#"{"type":"p\u0069ng","id":1}"#, "alice"),
+            Ok(ClientFrame::Ping { .. })
+        ));
+        assert_eq!(
+            bad_detail(r#"{"type":"refresh","id":1,"token":5}"#),
+            "refresh needs a token string"
+        );
+    }
+
+    #[test]
+    fn foreign_user_id_is_forbidden_before_anything_else() {
+        for text in [
+            r#"{"type":"send","id":1,"data":1,"user_id":"bob"}"#,
+            r#"{"type":"nope","id":1,"user_id":"bob","extra":1}"#,
+            r#"{"user_id":"Alice"}"#,
+            r#"{"user_id":"alice ","type":"ping","id":1}"#,
+            r#"{"user_id":7,"type":"ping","id":1}"#,
+        ] {
+            assert!(
+                matches!(parse(text, "alice"), Err(Refusal::Forbidden { .. })),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn writers_produce_the_documented_json() {
+        let id = RawValue::from_string("\"x\"".into()).unwrap();
+        let data = RawValue::from_string(r#"{"k":"v"}"#.into()).unwrap();
+        let mut out = Vec::new();
+
+        write_welcome(&mut out, "al\"ice", 7, 9, 0);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["user"], "al\"ice");
+        assert_eq!(v["conn"], 7);
+
+        out.clear();
+        write_message(&mut out, 9, 3, "client", &data);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["data"]["k"], "v");
+        assert_eq!(v["source"], "client");
+
+        out.clear();
+        write_error(&mut out, "bad_message", None, "unknown type");
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert!(v["id"].is_null());
+
+        for write in [
+            |o: &mut Vec<u8>, id: &RawValue| write_ack(o, id, 1, 2),
+            |o: &mut Vec<u8>, id: &RawValue| write_pong(o, id),
+            |o: &mut Vec<u8>, id: &RawValue| write_refreshed(o, id, 5),
+        ] {
+            out.clear();
+            write(&mut out, &id);
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            assert_eq!(v["id"], "x");
+        }
+    }
+}
