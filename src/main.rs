@@ -269,7 +269,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         pin_shards: !args.no_pin,
         limits,
     };
-    tracing::info!(?config, algorithm = ?algorithm, "configuration");
+    tracing::info!(algorithm = ?algorithm, "token verification");
     if demo.is_some() {
         tracing::warn!(
             "DEMO MODE: no JWT key configured, so a random secret and API key were \

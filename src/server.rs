@@ -76,6 +76,8 @@ pub fn run(
         "resource limits"
     );
 
+    tracing::info!(?config, "configuration");
+
     let listen = bind(config.listen)?;
     let api_listen = config.api_listen.map(bind).transpose()?;
     let bound = Bound {
