@@ -47,7 +47,7 @@ impl Drop for Server {
 }
 
 fn start_server() -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
+    let child = Command::new(env!("CARGO_BIN_EXE_shardgate"))
         .args(["serve", "--listen", "127.0.0.1:0", "--shards", "1"])
         .env("SHARDGATE_JWT_SECRET", SECRET)
         .env("RUST_LOG", "warn")
@@ -55,7 +55,12 @@ fn start_server() -> Server {
         .stderr(Stdio::null())
         .spawn()
         .expect("start shardgate");
-    let mut stdout = child.stdout.take().unwrap();
+    // Owned by a Server from here on, so the child is killed on every path.
+    let mut server = Server {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
+    let mut stdout = server.child.stdout.take().unwrap();
     let mut seen = Vec::new();
     let mut byte = [0u8; 1];
     loop {
@@ -65,13 +70,13 @@ fn start_server() -> Server {
         if byte[0] == b'\n' {
             let line = String::from_utf8_lossy(&seen).to_string();
             if let Some(addr) = line.trim().strip_prefix("shardgate listening on http://") {
-                let addr = addr.parse().unwrap();
+                server.addr = addr.parse().unwrap();
                 // Keep draining stdout so the child never blocks on it.
                 std::thread::spawn(move || {
                     let mut sink = Vec::new();
                     let _ = stdout.read_to_end(&mut sink);
                 });
-                return Server { child, addr };
+                return server;
             }
             seen.clear();
         }
@@ -97,7 +102,11 @@ fn upgrade(addr: SocketAddr, token: &str) -> (TcpStream, Duration) {
         head.extend_from_slice(&buf[..n]);
     }
     let elapsed = start.elapsed();
-    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     (stream, elapsed)
 }
 
@@ -223,5 +232,9 @@ fn main() {
     for worker in workers {
         let _ = worker.join();
     }
-    report("saturated", &busy, &format!("(load: {rate:.0} sends/s acked meanwhile)"));
+    report(
+        "saturated",
+        &busy,
+        &format!("(load: {rate:.0} sends/s acked meanwhile)"),
+    );
 }

@@ -10,6 +10,9 @@ use crate::shard::message::ShardStats;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
+/// One per-shard series: name, help text, and how to read it from stats.
+type Series = (&'static str, &'static str, fn(&ShardStats) -> u64);
+
 /// Renders router counters and one stats record per shard that answered.
 pub fn render(router: &RouterCounters, shard_count: usize, shards: &[ShardStats]) -> String {
     let mut out = String::with_capacity(4096);
@@ -71,7 +74,7 @@ pub fn render(router: &RouterCounters, shard_count: usize, shards: &[ShardStats]
         );
     }
 
-    let gauges: [(&str, &str, fn(&ShardStats) -> u64); 4] = [
+    let gauges: [Series; 4] = [
         (
             "shardgate_shard_users",
             "Users with a manager on the shard.",
@@ -100,7 +103,7 @@ pub fn render(router: &RouterCounters, shard_count: usize, shards: &[ShardStats]
         }
     }
 
-    let counters: [(&str, &str, fn(&ShardStats) -> u64); 9] = [
+    let counters: [Series; 9] = [
         (
             "shardgate_shard_handoffs_total",
             "Hand-offs received.",

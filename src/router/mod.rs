@@ -167,7 +167,7 @@ impl Router {
             let (head, head_len) = match http::before(deadline, read).await {
                 Ok(parsed) => parsed,
                 Err(err) => {
-                    self.head_failed(&mut stream, err, peer, first && buf.is_empty())
+                    self.head_failed(&mut stream, err, peer, !first && buf.is_empty())
                         .await;
                     return;
                 }

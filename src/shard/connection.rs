@@ -78,10 +78,10 @@ impl Connection {
     /// Runs the connection to its end. The 101 answer is already queued.
     pub async fn run(mut self, mut stream: TcpStream, mut early_bytes: Vec<u8>) {
         let mut ending = None;
-        if !early_bytes.is_empty() {
-            if let ControlFlow::Break(end) = self.on_bytes(&mut early_bytes) {
-                ending = Some(end);
-            }
+        if !early_bytes.is_empty()
+            && let ControlFlow::Break(end) = self.on_bytes(&mut early_bytes)
+        {
+            ending = Some(end);
         }
         drop(early_bytes);
 

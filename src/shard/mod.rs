@@ -146,7 +146,11 @@ async fn run(
         connection_queue,
         config,
     });
-    tracing::info!(shard = index, executor = glommio::executor().id(), "shard started");
+    tracing::info!(
+        shard = index,
+        executor = glommio::executor().id(),
+        "shard started"
+    );
 
     let sweeper = shard.clone();
     let housekeeping = glommio::spawn_local_into(
