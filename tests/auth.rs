@@ -52,10 +52,7 @@ fn assert_log_free_of(log: &str, tokens: &[String]) {
         assert!(!log.contains(token.as_str()), "token {token} in the log");
         let signature = token.rsplit('.').next().unwrap_or_default();
         if signature.len() >= 16 {
-            assert!(
-                !log.contains(signature),
-                "signature of {token} in the log"
-            );
+            assert!(!log.contains(signature), "signature of {token} in the log");
         }
         let payload = token.split('.').nth(1).unwrap_or_default();
         assert!(!log.contains(payload), "payload of {token} in the log");
@@ -109,7 +106,11 @@ fn the_subprotocol_carrier_selects_shardgate_v1() {
         .iter()
         .map(|v| v.to_str().expect("ASCII").to_owned())
         .collect::<Vec<_>>();
-    assert_eq!(selected, ["shardgate.v1"], "the 101 must select shardgate.v1 only");
+    assert_eq!(
+        selected,
+        ["shardgate.v1"],
+        "the 101 must select shardgate.v1 only"
+    );
     assert_eq!(client.recv_type("welcome")["user"], "subprotocol-user");
 
     // Raw check: the 101 carries exactly one protocol, never the token.
@@ -134,7 +135,10 @@ fn a_bearer_subprotocol_without_shardgate_v1_is_400() {
 
     let request = upgrade_request(
         "/ws",
-        &[("Sec-WebSocket-Protocol", &format!("chat.v2, bearer.{token}"))],
+        &[(
+            "Sec-WebSocket-Protocol",
+            &format!("chat.v2, bearer.{token}"),
+        )],
     );
     assert_eq!(upgrade_raw(&server, &request).status, 400);
 
@@ -217,9 +221,31 @@ fn every_refusal_class_is_401_invalid_token_on_every_carrier() {
             "nbf in the future",
             hs256(&claims_with(sub, &json!({ "nbf": now + 3600 }))),
         ),
-        ("missing sub", hs256(&claims_with(sub, &json!({ "sub": null })))),
+        (
+            "missing sub",
+            hs256(&claims_with(sub, &json!({ "sub": null }))),
+        ),
         ("empty sub", hs256(&claims_with(sub, &json!({ "sub": "" })))),
-        ("missing exp", hs256(&claims_with(sub, &json!({ "exp": null })))),
+        (
+            "numeric sub",
+            hs256(&claims_with(sub, &json!({ "sub": 42 }))),
+        ),
+        (
+            "sub longer than 256 bytes",
+            hs256(&claims_with(sub, &json!({ "sub": "s".repeat(257) }))),
+        ),
+        (
+            "sub with a control character",
+            hs256(&claims_with(sub, &json!({ "sub": "eve\nadmin" }))),
+        ),
+        (
+            "iat in the future",
+            hs256(&claims_with(sub, &json!({ "iat": now + 3600 }))),
+        ),
+        (
+            "missing exp",
+            hs256(&claims_with(sub, &json!({ "exp": null }))),
+        ),
         (
             "aud while no audience is configured",
             hs256(&claims_with(sub, &json!({ "aud": "shardgate" }))),
@@ -266,11 +292,20 @@ fn audience_and_issuer_are_enforced_when_configured() {
 
     let refused = [
         ("wrong aud", with(json!({ "aud": "billing", "iss": iss }))),
-        ("aud list without us", with(json!({ "aud": ["a", "b"], "iss": iss }))),
+        (
+            "aud list without us",
+            with(json!({ "aud": ["a", "b"], "iss": iss })),
+        ),
         ("missing aud", with(json!({ "iss": iss }))),
-        ("wrong iss", with(json!({ "aud": "chat", "iss": "https://evil.test" }))),
+        (
+            "wrong iss",
+            with(json!({ "aud": "chat", "iss": "https://evil.test" })),
+        ),
         ("missing iss", with(json!({ "aud": "chat" }))),
-        ("iss differing in case", with(json!({ "aud": "chat", "iss": "https://ISSUER.test" }))),
+        (
+            "iss differing in case",
+            with(json!({ "aud": "chat", "iss": "https://ISSUER.test" })),
+        ),
     ];
     for (what, token) in &refused {
         assert_invalid_token(&server, Carrier::Header, token, what);
@@ -369,10 +404,7 @@ fn an_open_connection_is_closed_with_4001_when_its_token_expires() {
 
 #[test]
 fn the_log_never_contains_a_presented_token() {
-    let server = Server::builder()
-        .shards(2)
-        .env("RUST_LOG", "trace")
-        .start();
+    let server = Server::builder().shards(2).env("RUST_LOG", "trace").start();
     let now = now();
     let mut presented = Vec::new();
 

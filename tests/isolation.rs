@@ -62,7 +62,11 @@ fn welcome_comes_first_with_user_conn_epoch_and_seq() {
     assert_eq!(welcome["seq"], 0, "no number assigned yet");
     let first_conn = welcome["conn"].as_u64().expect("conn is a number");
     let keys: Vec<&String> = welcome.as_object().unwrap().keys().collect();
-    assert_eq!(keys.len(), 5, "exactly type, user, conn, epoch, seq: {welcome}");
+    assert_eq!(
+        keys.len(),
+        5,
+        "exactly type, user, conn, epoch, seq: {welcome}"
+    );
 
     // Two messages later, a new connection joins the same epoch and learns
     // the last number assigned.
@@ -149,7 +153,7 @@ fn concurrent_senders_stay_isolated() {
                 let mut seen = Vec::new();
                 let mut last_seq = 0;
                 let mut acks = 0;
-                let mut from_siblings = vec![0u64; CONNS];
+                let mut from_siblings = [0u64; CONNS];
                 while seen.len() < expected as usize {
                     let frame = client.recv_json();
                     assert_eq!(frame["epoch"], epoch, "{frame}");
@@ -206,7 +210,14 @@ fn a_foreign_user_id_is_forbidden_and_delivers_nothing() {
 
     let upper = a.to_uppercase();
     let spaced = format!("{a} ");
-    let claimed = [json!(b), json!(c), json!(upper), json!(spaced), json!(7), json!(null)];
+    let claimed = [
+        json!(b),
+        json!(c),
+        json!(upper),
+        json!(spaced),
+        json!(7),
+        json!(null),
+    ];
     for (i, user_id) in claimed.iter().enumerate() {
         let id = 100 + i as u64;
         let frame = json!({
@@ -218,7 +229,10 @@ fn a_foreign_user_id_is_forbidden_and_delivers_nothing() {
         assert_eq!(error["code"], "forbidden", "user_id {user_id}: {error}");
         assert_eq!(error["id"], id, "user_id {user_id}: {error}");
         let detail = error["detail"].as_str().expect("detail is a string");
-        assert!(!detail.contains(&b) && !detail.contains(&c), "detail echoes input");
+        assert!(
+            !detail.contains(&b) && !detail.contains(&c),
+            "detail echoes input"
+        );
     }
 
     // Checked before anything else: even a malformed frame is forbidden.
@@ -330,4 +344,137 @@ fn one_users_connection_cap_does_not_affect_another_user() {
     wait_presence(&server, &a, 1);
     let (_again, _) = connect_user(&server, &a);
     a_clients[0].ping_pong(2);
+}
+
+#[test]
+fn lookalike_user_ids_are_different_users() {
+    let server = Server::builder().shards(2).start();
+    // Case, whitespace, escapes and Unicode normalisation all differ.
+    let ids = [
+        "alice",
+        "Alice",
+        "alice ",
+        " alice",
+        "al\"ice",
+        "\u{e9}va",
+        "e\u{301}va",
+    ];
+    let mut users = Vec::new();
+    for id in ids {
+        let (clients, epoch) = connect_many(&server, id, 2);
+        assert_eq!(presence(&server, id).0, 2, "{id:?}");
+        users.push((id, clients, epoch));
+    }
+
+    for (id, clients, epoch) in users.iter_mut() {
+        clients[0].send_data(&json!(1), &json!({ "owner": id }));
+        assert_eq!(
+            clients[0].recv_json(),
+            json!({ "type": "ack", "id": 1, "epoch": *epoch, "seq": 1 }),
+            "{id:?}"
+        );
+        assert_eq!(clients[1].recv_json()["data"]["owner"], *id, "{id:?}");
+    }
+    for (id, clients, epoch) in users.iter_mut() {
+        assert_next_is_sentinel(&server, id, clients, *epoch, 2);
+    }
+}
+
+#[test]
+fn a_slow_consumer_is_closed_with_4008_and_nobody_else_suffers() {
+    let server = Server::builder()
+        .shards(2)
+        .args([
+            "--outbound-queue-messages",
+            "8",
+            "--outbound-queue-bytes",
+            "262144",
+        ])
+        .start();
+    let user = user_on_shard(&server, "slow", 0, &[]);
+    let neighbour = user_on_shard(&server, "slow", 0, &[&user]);
+    let (mut clients, epoch) = connect_many(&server, &user, 2);
+    let (mut neighbours, _) = connect_many(&server, &neighbour, 1);
+    let mut slow = clients.pop().unwrap();
+    let mut fast = clients.pop().unwrap();
+
+    // The fast connection reads everything, in its own thread, up to "end".
+    let reader = std::thread::spawn(move || {
+        let mut seqs = Vec::new();
+        loop {
+            let frame = fast.recv_json();
+            assert_eq!(frame["epoch"], epoch);
+            seqs.push(frame["seq"].as_u64().expect("seq"));
+            if frame["data"] == "end" {
+                return seqs;
+            }
+        }
+    });
+
+    // Publish 32 KiB messages until the slow connection, which reads
+    // nothing, is dropped from the deliveries (bounded: 64 MiB at most).
+    let payload = "s".repeat(32 * 1024);
+    let mut api_conn = HttpConn::open(server.api_addr());
+    let mut published = 0;
+    for _ in 0..2000 {
+        let body = json!({ "user": user, "data": payload });
+        let (status, answer) = api_on(&mut api_conn, "/api/v1/publish", &body, Some(API_KEY));
+        assert_eq!(status, 200, "{answer}");
+        published += 1;
+        assert_eq!(answer["seq"], published);
+        if answer["delivered"] == 1 {
+            break;
+        }
+        assert_eq!(answer["delivered"], 2, "{answer}");
+    }
+    assert!(published < 2000, "the slow consumer was never cut off");
+    let end = publish(&server, &user, &json!("end"));
+    assert_eq!(end["delivered"], 1, "{end}");
+
+    // The reader lost nothing, in order.
+    let seqs = reader.join().expect("fast reader");
+    assert_eq!(seqs, (1..=published + 1).collect::<Vec<_>>());
+
+    // The slow one gets what was queued, in order, then close 4008.
+    let mut last = 0;
+    let close = loop {
+        match slow.try_recv(IO_TIMEOUT).expect("slow read") {
+            Some(tungstenite::Message::Text(text)) => {
+                let frame: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                let seq = frame["seq"].as_u64().expect("seq");
+                assert!(seq > last && seq <= published, "seq {seq} after {last}");
+                last = seq;
+            }
+            Some(tungstenite::Message::Close(frame)) => break frame.expect("close code"),
+            Some(other) => panic!("unexpected {other:?}"),
+            None => panic!("no close 4008 within {IO_TIMEOUT:?}"),
+        }
+    };
+    assert_eq!(u16::from(close.code), 4008);
+    neighbours[0].ping_pong(1);
+    wait_presence(&server, &user, 0);
+}
+
+#[test]
+fn a_duplicated_user_id_naming_another_user_is_forbidden() {
+    let server = Server::builder().shards(2).start();
+    let (a, b, _) = three_users(&server, "dup");
+    let (mut a_clients, a_epoch) = connect_many(&server, &a, 2);
+    let (mut b_clients, b_epoch) = connect_many(&server, &b, 1);
+
+    // Serialised by hand: JSON objects built by serde cannot repeat a key.
+    let frames = [
+        format!(r#"{{"type":"send","id":1,"data":"x","user_id":"{b}","user_id":"{a}"}}"#),
+        format!(r#"{{"type":"send","id":2,"data":"x","user_id":"{a}","user_id":"{b}"}}"#),
+    ];
+    for (i, text) in frames.iter().enumerate() {
+        a_clients[0].send_text(text);
+        let error = a_clients[0].recv_json();
+        assert_eq!(error["type"], "error", "{text}: {error}");
+        assert_eq!(error["code"], "forbidden", "{text}: {error}");
+        assert_eq!(error["id"], i + 1, "{text}: {error}");
+    }
+
+    assert_next_is_sentinel(&server, &a, &mut a_clients, a_epoch, 1);
+    assert_next_is_sentinel(&server, &b, &mut b_clients, b_epoch, 1);
 }

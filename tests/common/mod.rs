@@ -249,6 +249,25 @@ impl Server {
         poll(timeout, || self.log().contains(needle))
     }
 
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to this child, by its pid.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).expect("pid fits in pid_t");
+        // SAFETY: kill(2) on the pid of a child we spawned and have not
+        // reaped yet, so the pid cannot have been reused.
+        let result = unsafe { libc::kill(pid, signal) };
+        assert_eq!(result, 0, "kill({pid}, {signal}) failed");
+    }
+
+    /// Polls until the child exits; its status, or `None` at the deadline.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        poll(timeout, || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        status
+    }
+
     /// Kills the server, waits for it and for the pipe readers, and returns
     /// its complete log.
     pub fn stop(mut self) -> String {
@@ -332,8 +351,7 @@ pub fn unsigned_token(claims: &Value) -> String {
 
 /// Unpadded base64url (RFC 4648 §5).
 pub fn b64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] =
-        b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for chunk in bytes.chunks(3) {
         let b = [
@@ -465,9 +483,7 @@ pub fn try_ws_connect(
     match tungstenite::client::client(request, stream) {
         Ok((ws, response)) => Ok(Client { ws, response }),
         Err(tungstenite::HandshakeError::Failure(err)) => Err(describe_ws_error(&err)),
-        Err(tungstenite::HandshakeError::Interrupted(_)) => {
-            Err("handshake timed out".to_owned())
-        }
+        Err(tungstenite::HandshakeError::Interrupted(_)) => Err("handshake timed out".to_owned()),
     }
 }
 
@@ -763,7 +779,12 @@ impl HttpConn {
             match self.stream.read(&mut chunk) {
                 Ok(0) => break true,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
                     break false;
                 }
                 Err(_) => break true,
@@ -775,6 +796,19 @@ impl HttpConn {
         closed
     }
 
+    /// Takes exactly `n` bytes, reading more as needed (bounded).
+    pub fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            let got = self.read_some();
+            assert!(
+                got > 0,
+                "connection closed with {} of {n} bytes",
+                self.buf.len()
+            );
+        }
+        self.buf.drain(..n).collect()
+    }
+
     fn read_some(&mut self) -> usize {
         let mut chunk = [0u8; 16384];
         match self.stream.read(&mut chunk) {
@@ -782,7 +816,12 @@ impl HttpConn {
                 self.buf.extend_from_slice(&chunk[..n]);
                 n
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 panic!(
                     "no complete HTTP response within {IO_TIMEOUT:?}: {:?}",
                     String::from_utf8_lossy(&self.buf)
@@ -878,9 +917,7 @@ pub fn upgrade_raw(server: &Server, request: &[u8]) -> HttpResponse {
 /// An upgrade of `/ws` carrying `token` in `carrier`, read as raw HTTP.
 pub fn upgrade_with(server: &Server, path: &str, carrier: Carrier, token: &str) -> HttpResponse {
     let request = match carrier {
-        Carrier::Header => {
-            upgrade_request(path, &[("Authorization", &format!("Bearer {token}"))])
-        }
+        Carrier::Header => upgrade_request(path, &[("Authorization", &format!("Bearer {token}"))]),
         Carrier::Query => upgrade_request(&format!("{path}?token={token}"), &[]),
         Carrier::Subprotocol => upgrade_request(
             path,
@@ -979,4 +1016,151 @@ pub fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
         let value = line.strip_prefix(series)?.strip_prefix(' ')?;
         Some(value.trim().parse().expect("numeric sample"))
     })
+}
+
+// ---------------------------------------------------------------------------
+// Hand-built WebSocket frames
+// ---------------------------------------------------------------------------
+
+pub const OP_CONTINUATION: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xa;
+
+/// The mask every hand-built client frame uses.
+pub const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+/// One frame: `first` is the first header byte (FIN, RSV bits, opcode),
+/// masked with [`MASK`] when `masked`.
+pub fn encode_frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![first];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(mask_bit | n as u8),
+        n if n <= 0xffff => {
+            out.push(mask_bit | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(mask_bit | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    if masked {
+        out.extend_from_slice(&MASK);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    } else {
+        out.extend_from_slice(payload);
+    }
+    out
+}
+
+/// A masked frame with FIN set when `fin`.
+pub fn frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    encode_frame(if fin { 0x80 } else { 0 } | opcode, payload, true)
+}
+
+/// A frame as the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The close code of a Close frame (1005 when it has no body).
+    pub fn close_code(&self) -> u16 {
+        assert_eq!(self.opcode, OP_CLOSE, "not a close frame: {self:?}");
+        match self.payload.get(..2) {
+            Some(code) => u16::from_be_bytes([code[0], code[1]]),
+            None => 1005,
+        }
+    }
+}
+
+/// A WebSocket connection driven byte by byte, for what a library client
+/// cannot send (unmasked, fragmented or invalid frames).
+pub struct RawWs {
+    conn: HttpConn,
+}
+
+impl RawWs {
+    /// Upgrades `path` with `token` in the header, sending `early` bytes in
+    /// the same write as the request; asserts the 101.
+    pub fn connect(server: &Server, path: &str, token: &str, early: &[u8]) -> RawWs {
+        let mut conn = HttpConn::open(server.addr());
+        let mut bytes = upgrade_request(path, &[("Authorization", &format!("Bearer {token}"))]);
+        bytes.extend_from_slice(early);
+        conn.write(&bytes);
+        let response = conn.read_response();
+        assert_eq!(response.status, 101, "upgrade refused: {}", response.text());
+        RawWs { conn }
+    }
+
+    /// Connects to `/ws` as `user` and consumes the welcome.
+    pub fn connect_user(server: &Server, user: &str) -> RawWs {
+        let mut ws = RawWs::connect(server, "/ws", &token(user), b"");
+        assert_eq!(ws.recv_json()["type"], "welcome");
+        ws
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.conn.write(bytes);
+    }
+
+    /// The next frame from the server (which must not mask).
+    pub fn recv_frame(&mut self) -> RawFrame {
+        let head = self.conn.take(2);
+        assert_eq!(head[1] & 0x80, 0, "server frames must not be masked");
+        let len = match head[1] & 0x7f {
+            126 => u16::from_be_bytes(self.conn.take(2).try_into().unwrap()) as usize,
+            127 => u64::from_be_bytes(self.conn.take(8).try_into().unwrap()) as usize,
+            n => n as usize,
+        };
+        assert_eq!(head[0] & 0x70, 0, "server frames carry no RSV bits");
+        RawFrame {
+            fin: head[0] & 0x80 != 0,
+            opcode: head[0] & 0x0f,
+            payload: self.conn.take(len),
+        }
+    }
+
+    /// The next frame, which must be a complete text frame holding JSON.
+    pub fn recv_json(&mut self) -> Value {
+        let frame = self.recv_frame();
+        assert!(
+            frame.fin && frame.opcode == OP_TEXT,
+            "expected text: {frame:?}"
+        );
+        serde_json::from_slice(&frame.payload).expect("JSON text frame")
+    }
+
+    /// Sends a JSON ping and expects the pong as the next frame.
+    pub fn expect_alive(&mut self) {
+        let ping = json!({ "type": "ping", "id": "alive" }).to_string();
+        self.send_bytes(&frame(true, OP_TEXT, ping.as_bytes()));
+        assert_eq!(self.recv_json(), json!({ "type": "pong", "id": "alive" }));
+    }
+
+    /// Expects a Close with `code` as the next frame, answers it, and
+    /// expects the server to end the TCP connection.
+    pub fn expect_close(&mut self, code: u16) {
+        let frame = self.recv_frame();
+        assert_eq!(frame.opcode, OP_CLOSE, "expected close {code}: {frame:?}");
+        assert_eq!(frame.close_code(), code, "close frame {frame:?}");
+        // Answering may fail if the server already dropped the socket.
+        let _ = self.conn.stream.write_all(&frame_close(code));
+        assert!(
+            self.conn.closed_within(IO_TIMEOUT),
+            "server kept the connection open after its close"
+        );
+    }
+}
+
+/// A masked Close frame with `code`.
+pub fn frame_close(code: u16) -> Vec<u8> {
+    frame(true, OP_CLOSE, &code.to_be_bytes())
 }
