@@ -24,6 +24,11 @@ pub struct Config {
     pub enable_echo: bool,
     /// Pin each shard to a core. Default on.
     pub pin_shards: bool,
+    /// `Origin` values allowed to open WebSockets (exact, ASCII
+    /// case-insensitive, e.g. `https://app.example.com`). `None` allows any;
+    /// a request without `Origin` (not a browser) is always allowed. This is
+    /// the defence against cross-site WebSocket hijacking.
+    pub allowed_origins: Option<Vec<String>>,
     pub limits: Limits,
 }
 
@@ -36,6 +41,7 @@ impl fmt::Debug for Config {
             .field("api_enabled", &self.api_key.is_some())
             .field("enable_echo", &self.enable_echo)
             .field("pin_shards", &self.pin_shards)
+            .field("allowed_origins", &self.allowed_origins)
             .field("limits", &self.limits)
             .finish()
     }
@@ -88,6 +94,40 @@ pub struct Limits {
     pub close_timeout: Duration,
     /// Seconds of clock skew tolerated on `exp` and `nbf` (default 30).
     pub jwt_leeway_secs: u64,
+    /// Handshakes (connections whose request head is being read) in progress
+    /// at once (default 4096); beyond it new connections get 503.
+    pub max_handshakes: usize,
+    /// Handshakes in progress from one peer address (default 64); beyond it
+    /// that peer's new connections get 503.
+    pub max_handshakes_per_peer: usize,
+    /// Deepest JSON nesting accepted in a client frame (default 32). Checked
+    /// by a linear scan before parsing, so a deep document costs one pass.
+    pub max_json_depth: usize,
+    /// Messages per second one user may send over all its connections
+    /// (default 100; 0 turns the limit off). A token bucket refilled at this
+    /// rate.
+    pub rate_per_sec: u32,
+    /// Bucket size: messages a user may send in a burst (default 200).
+    pub rate_burst: u32,
+    /// Refused messages in a row, on one connection, after which it is
+    /// closed with 1008 (default 200): the client ignores `rate_limited`.
+    pub abuse_limit: u32,
+    /// Silence after which the server pings a connection (default 25 s).
+    pub ping_interval: Duration,
+    /// Time a ping may go unanswered before the connection is dropped as
+    /// dead (default 20 s). Any frame from the peer counts as an answer.
+    pub pong_timeout: Duration,
+    /// On shutdown, how long queued messages may take to drain before every
+    /// connection gets Close 1001 (default 5 s).
+    pub drain_timeout: Duration,
+    /// How long a revocation is kept by the owning shard (default 24 h).
+    /// Tokens issued before a revocation and still valid after this time are
+    /// accepted again, so token lifetimes should stay below it.
+    pub revocation_retention: Duration,
+    /// Security (audit) events logged per second per thread (default 50);
+    /// beyond it they are counted and the next logged event reports how many
+    /// were suppressed.
+    pub audit_per_sec: u32,
     /// Latency goal of each shard's hand-off queue (default 100 µs). Lower
     /// means a busy shard notices a new connection sooner at the cost of more
     /// frequent preemption checks.
@@ -113,6 +153,17 @@ impl Default for Limits {
             close_timeout: Duration::from_secs(5),
             jwt_leeway_secs: 30,
             handoff_latency: Duration::from_micros(100),
+            max_handshakes: 4096,
+            max_handshakes_per_peer: 64,
+            max_json_depth: 32,
+            rate_per_sec: 100,
+            rate_burst: 200,
+            abuse_limit: 200,
+            ping_interval: Duration::from_secs(25),
+            pong_timeout: Duration::from_secs(20),
+            drain_timeout: Duration::from_secs(5),
+            revocation_retention: Duration::from_secs(24 * 3600),
+            audit_per_sec: 50,
         }
     }
 }
@@ -161,6 +212,7 @@ mod tests {
             api_key: Some("very-secret-key".into()),
             enable_echo: false,
             pin_shards: false,
+            allowed_origins: None,
             limits: Limits::default(),
         };
         assert!(!format!("{config:?}").contains("very-secret-key"));

@@ -17,6 +17,7 @@
 //! - [`system`] checks and raises the process limits glommio needs.
 //! - [`server`] wires the pieces together and runs until shutdown.
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod http;

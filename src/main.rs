@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server. With no JWT key configured it runs in demo mode.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Mint an HS* token with the configured secret, for trying the server.
     Token(TokenArgs),
 }
@@ -81,6 +81,46 @@ struct ServeArgs {
     /// Bytes queued for one connection before it counts as a slow consumer.
     #[arg(long, default_value_t = 1 << 20, value_name = "BYTES")]
     outbound_queue_bytes: usize,
+    /// Messages per second one user may send over all its connections (0: no
+    /// limit). Beyond it frames get `rate_limited`.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    rate_limit: u32,
+    /// Messages a user may send in one burst above the rate.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    rate_burst: u32,
+    /// Rate-limited messages in a row after which a connection is closed
+    /// with 1008.
+    #[arg(long, default_value_t = 200, value_name = "N")]
+    abuse_limit: u32,
+    /// Deepest JSON nesting accepted in a client frame.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    max_json_depth: usize,
+    /// Handshakes in progress at once (503 beyond).
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    max_handshakes: usize,
+    /// Handshakes in progress from one peer address (503 beyond).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    max_handshakes_per_peer: usize,
+    /// Origins allowed to open WebSockets (repeatable; exact match such as
+    /// https://app.example.com). Unlisted origins get 403; requests without
+    /// Origin are allowed. Default: any origin.
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    allowed_origins: Vec<String>,
+    /// Silence, in milliseconds, after which the server pings a connection.
+    #[arg(long, default_value_t = 25_000, value_name = "MS")]
+    ping_interval_ms: u64,
+    /// Time, in milliseconds, a ping may go unanswered before the connection
+    /// is dropped as dead.
+    #[arg(long, default_value_t = 20_000, value_name = "MS")]
+    pong_timeout_ms: u64,
+    /// Time, in milliseconds, the server waits for the peer's Close after
+    /// sending its own.
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    close_timeout_ms: u64,
+    /// On SIGINT/SIGTERM, time in milliseconds queued messages may take to
+    /// drain before every connection gets Close 1001.
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    drain_timeout_ms: u64,
     /// Serve /ws/echo (conformance tests and raw benchmarks).
     #[arg(long)]
     enable_echo: bool,
@@ -123,7 +163,7 @@ fn main() -> ExitCode {
         .init();
 
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Token(args) => token(args),
     };
     match result {
@@ -258,6 +298,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         outbound_queue_messages: args.outbound_queue_messages.max(2),
         outbound_queue_bytes: args.outbound_queue_bytes,
         jwt_leeway_secs: args.jwt_leeway,
+        rate_per_sec: args.rate_limit,
+        rate_burst: args.rate_burst.max(1),
+        abuse_limit: args.abuse_limit.max(1),
+        max_json_depth: args.max_json_depth.max(1),
+        max_handshakes: args.max_handshakes.max(1),
+        max_handshakes_per_peer: args.max_handshakes_per_peer.max(1),
+        ping_interval: Duration::from_millis(args.ping_interval_ms.max(10)),
+        pong_timeout: Duration::from_millis(args.pong_timeout_ms.max(10)),
+        close_timeout: Duration::from_millis(args.close_timeout_ms),
+        drain_timeout: Duration::from_millis(args.drain_timeout_ms),
         ..Limits::default()
     };
     let config = Config {
@@ -267,6 +317,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         api_key,
         enable_echo: args.enable_echo,
         pin_shards: !args.no_pin,
+        allowed_origins: (!args.allowed_origins.is_empty()).then(|| args.allowed_origins.clone()),
         limits,
     };
     tracing::info!(algorithm = ?algorithm, "token verification");

@@ -103,7 +103,7 @@ pub fn render(router: &RouterCounters, shard_count: usize, shards: &[ShardStats]
         }
     }
 
-    let counters: [Series; 9] = [
+    let counters: [Series; 18] = [
         (
             "shardgate_shard_handoffs_total",
             "Hand-offs received.",
@@ -111,7 +111,7 @@ pub fn render(router: &RouterCounters, shard_count: usize, shards: &[ShardStats]
         ),
         (
             "shardgate_shard_messages_received_total",
-            "Text messages received on /ws.",
+            "Data messages received on /ws.",
             |s| s.messages_received,
         ),
         (
@@ -126,7 +126,7 @@ pub fn render(router: &RouterCounters, shard_count: usize, shards: &[ShardStats]
         ),
         (
             "shardgate_shard_refused_shard_cap_total",
-            "Upgrades refused with 503 (shard full).",
+            "Upgrades refused with 503, shard full.",
             |s| s.refused_shard_cap,
         ),
         (
@@ -135,14 +135,59 @@ pub fn render(router: &RouterCounters, shard_count: usize, shards: &[ShardStats]
             |s| s.refused_late,
         ),
         (
+            "shardgate_shard_refused_revoked_total",
+            "Upgrades with a revoked token.",
+            |s| s.refused_revoked,
+        ),
+        (
+            "shardgate_shard_refused_draining_total",
+            "Upgrades refused while draining.",
+            |s| s.refused_draining,
+        ),
+        (
             "shardgate_shard_protocol_errors_total",
-            "Connections closed for RFC 6455 violations.",
+            "Closes for RFC 6455 violations.",
             |s| s.protocol_errors,
+        ),
+        (
+            "shardgate_shard_bad_messages_total",
+            "Frames answered bad_message.",
+            |s| s.bad_messages,
+        ),
+        (
+            "shardgate_shard_forbidden_total",
+            "Frames naming another user.",
+            |s| s.forbidden,
+        ),
+        (
+            "shardgate_shard_rate_limited_total",
+            "Messages refused by the rate limit.",
+            |s| s.rate_limited,
+        ),
+        (
+            "shardgate_shard_abuse_closes_total",
+            "Connections closed with 1008.",
+            |s| s.abuse_closes,
         ),
         (
             "shardgate_shard_slow_consumers_total",
             "Connections closed with 4008.",
             |s| s.slow_consumers,
+        ),
+        (
+            "shardgate_shard_pong_timeouts_total",
+            "Connections dropped for a missing pong.",
+            |s| s.pong_timeouts,
+        ),
+        (
+            "shardgate_shard_expired_total",
+            "Connections closed with 4001 at expiry.",
+            |s| s.expired,
+        ),
+        (
+            "shardgate_shard_panics_total",
+            "Panics caught on the shard.",
+            |s| s.panics,
         ),
         (
             "shardgate_shard_isolation_violations_total",

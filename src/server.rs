@@ -4,13 +4,14 @@
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::mailbox;
-use crate::router::{self, Role};
+use crate::router::{self, Role, RouterControl};
 use crate::shard;
+use crate::shard::message::ShardMessage;
 use crate::system;
 
 /// Listen backlog asked for; the kernel caps it at net.core.somaxconn.
@@ -37,8 +38,8 @@ pub struct Bound {
     pub api_listen: Option<SocketAddr>,
 }
 
-/// Runs the server until the router stops. `on_bound` is called once both
-/// listeners are bound and every executor has started.
+/// Runs the server until SIGINT or SIGTERM has drained it. `on_bound` is
+/// called once both listeners are bound and every executor has started.
 pub fn run(
     mut config: Config,
     verifier: Verifier,
@@ -91,6 +92,11 @@ pub fn run(
     let config = Arc::new(config);
     let verifier = Arc::new(verifier);
 
+    // Every thread started from here inherits a mask that blocks the
+    // shutdown signals; this thread collects them with sigwait().
+    let signals = shutdown_signals();
+    block(&signals);
+
     // Shards, pinned round-robin over the CPUs this process may use.
     let cpus = system::allowed_cpus();
     let mut senders = Vec::with_capacity(config.shards);
@@ -115,8 +121,16 @@ pub fn run(
         listeners.push((api, Role::Private));
     }
     let draining = Arc::new(AtomicBool::new(false));
-    let router = router::spawn(config.clone(), verifier, senders, listeners, draining)
-        .map_err(|err| ServerError::Executor(err.to_string()))?;
+    let (router_control, control_inbox) = mailbox::mailbox(4);
+    let router = router::spawn(
+        config.clone(),
+        verifier,
+        senders.clone(),
+        listeners,
+        draining.clone(),
+        control_inbox,
+    )
+    .map_err(|err| ServerError::Executor(err.to_string()))?;
 
     tracing::info!(
         listen = %bound.listen,
@@ -129,13 +143,63 @@ pub fn run(
     );
     on_bound(bound);
 
-    if let Err(err) = router.join() {
-        return Err(ServerError::Executor(err.to_string()));
+    // Wait for SIGINT or SIGTERM, then drain: /readyz turns 503, the public
+    // listener stops accepting, shards refuse new work, flush what is queued
+    // and close every connection with 1001.
+    let signal = wait_for(&signals);
+    tracing::info!(signal, "shutting down");
+    draining.store(true, Ordering::Relaxed);
+    let _ = router_control.try_send(RouterControl::StopAccepting);
+    for sender in &senders {
+        let _ = sender.try_send(ShardMessage::Shutdown);
     }
+
+    // A second signal ends the process at once.
+    std::thread::spawn(move || {
+        let signal = wait_for(&shutdown_signals());
+        tracing::warn!(signal, "second signal; exiting without draining");
+        std::process::exit(1);
+    });
+
     for handle in shard_handles {
         let _ = handle.join();
     }
+    let _ = router_control.try_send(RouterControl::Exit);
+    if let Err(err) = router.join() {
+        return Err(ServerError::Executor(err.to_string()));
+    }
+    tracing::info!("shutdown complete");
     Ok(())
+}
+
+fn shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset and sigaddset initialise and fill a sigset_t that
+    // this function owns.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
+}
+
+/// Blocks `set` in the calling thread (and so in threads it starts later).
+fn block(set: &libc::sigset_t) {
+    // SAFETY: pthread_sigmask reads a valid, initialised sigset_t.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, set, std::ptr::null_mut()) };
+}
+
+/// Waits for one of the blocked signals in `set`; returns its name.
+fn wait_for(set: &libc::sigset_t) -> &'static str {
+    let mut signal = 0;
+    // SAFETY: sigwait reads a valid sigset_t and writes one int.
+    unsafe { libc::sigwait(set, &mut signal) };
+    match signal {
+        libc::SIGINT => "SIGINT",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {

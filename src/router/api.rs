@@ -63,11 +63,19 @@ struct UserBody {
     user: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    user: String,
+    issued_before: u64,
+}
+
 #[derive(Clone, Copy)]
 enum Operation {
     Publish,
     Presence,
     Disconnect,
+    Revoke,
 }
 
 impl Router {
@@ -102,6 +110,7 @@ impl Router {
             "/api/v1/publish" => Operation::Publish,
             "/api/v1/presence" => Operation::Presence,
             "/api/v1/disconnect" => Operation::Disconnect,
+            "/api/v1/revoke" => Operation::Revoke,
             _ => return ApiAnswer::error(404, "not_found", "no such API route"),
         };
         if head.method != "POST" {
@@ -115,8 +124,7 @@ impl Router {
             presented.is_some_and(|key| http::constant_time_eq(key, api_key.as_bytes()));
         if !authorized {
             self.counters.refuse("api_key_refused");
-            tracing::warn!(
-                target: "audit",
+            crate::audit!(
                 event = "api_key_refused",
                 presented = presented.is_some(),
                 "API request with a missing or wrong key"
@@ -135,15 +143,16 @@ impl Router {
             return ApiAnswer::error(411, "length_required", "chunked bodies are not accepted")
                 .closing();
         }
-        let Some(length) = head.header("content-length") else {
-            return ApiAnswer::error(411, "length_required", "Content-Length is required");
-        };
-        let length = match std::str::from_utf8(length)
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-        {
-            Some(length) => length,
-            None => return ApiAnswer::error(400, "bad_request", "invalid Content-Length"),
+        let length = match content_length(head) {
+            Ok(Some(length)) => length,
+            Ok(None) => {
+                return ApiAnswer::error(411, "length_required", "Content-Length is required");
+            }
+            Err(()) => {
+                // RFC 9112 §6.3: an invalid or conflicting length makes the
+                // message boundary unknowable; answer 400 and close.
+                return ApiAnswer::error(400, "bad_request", "invalid Content-Length").closing();
+            }
         };
         if length > self.config.limits.max_api_body {
             self.counters.refuse("api_body_too_large");
@@ -171,6 +180,19 @@ impl Router {
                 Ok(PublishBody { user, data }) => (user.clone(), Command::Publish { user, data }),
                 Err(_) => return bad_body("expected {\"user\":string,\"data\":any}"),
             },
+            Operation::Revoke => match serde_json::from_slice::<RevokeBody>(body) {
+                Ok(RevokeBody {
+                    user,
+                    issued_before,
+                }) => (
+                    user.clone(),
+                    Command::Revoke {
+                        user,
+                        issued_before,
+                    },
+                ),
+                Err(_) => return bad_body("expected {\"user\":string,\"issued_before\":seconds}"),
+            },
             Operation::Presence | Operation::Disconnect => {
                 let Ok(UserBody { user }) = serde_json::from_slice::<UserBody>(body) else {
                     return bad_body("expected {\"user\":string}");
@@ -184,6 +206,11 @@ impl Router {
         };
         if let Err(detail) = check_user_id(&user) {
             return bad_body(detail);
+        }
+
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return ApiAnswer::error(503, "unavailable", "server shutting down")
+                .with_header("Retry-After", "5");
         }
 
         // Forward to the owning shard and wait for its reply.
@@ -222,7 +249,13 @@ impl Router {
             CommandReply::Presence { connections } => {
                 serde_json::json!({ "user": user, "connections": connections, "shard": shard })
             }
-            CommandReply::Disconnected { closed } => serde_json::json!({ "closed": closed }),
+            CommandReply::Disconnected { closed } | CommandReply::Revoked { closed } => {
+                serde_json::json!({ "closed": closed })
+            }
+            CommandReply::Unavailable => {
+                return ApiAnswer::error(503, "unavailable", "server shutting down")
+                    .with_header("Retry-After", "5");
+            }
         };
         ApiAnswer {
             status: 200,
@@ -232,6 +265,29 @@ impl Router {
             consumed: 0,
         }
     }
+}
+
+/// The body length: every `Content-Length` value must be digits only and
+/// all must agree (RFC 9112 §6.3). `Ok(None)` when there is none.
+fn content_length(head: &RequestHead) -> Result<Option<usize>, ()> {
+    let mut length = None;
+    for value in head.all("content-length") {
+        for item in value.split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+                return Err(());
+            }
+            let parsed: usize = std::str::from_utf8(item)
+                .ok()
+                .and_then(|text| text.parse().ok())
+                .ok_or(())?;
+            if length.is_some_and(|known| known != parsed) {
+                return Err(());
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(length)
 }
 
 fn bad_body(detail: &str) -> ApiAnswer {
@@ -251,6 +307,24 @@ fn bearer(value: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn head(text: &str) -> RequestHead {
+        crate::http::parse_head(text.as_bytes(), 16).unwrap()
+    }
+
+    #[test]
+    fn content_length_must_be_one_plain_number() {
+        let ok = head("POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n");
+        assert_eq!(content_length(&ok), Ok(Some(12)));
+        let same = head("POST / HTTP/1.1\r\nContent-Length: 12\r\nContent-Length: 12, 12\r\n\r\n");
+        assert_eq!(content_length(&same), Ok(Some(12)));
+        for bad in ["+12", "12, 22", "0x1", "", "1 2", "99999999999999999999999"] {
+            let text = format!("POST / HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+            assert_eq!(content_length(&head(&text)), Err(()), "{bad}");
+        }
+        let none = head("POST / HTTP/1.1\r\n\r\n");
+        assert_eq!(content_length(&none), Ok(None));
+    }
 
     #[test]
     fn bearer_credentials() {

@@ -12,20 +12,22 @@ mod upgrade;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use ahash::AHashMap;
+use glommio::channels::local_channel::{self, LocalReceiver};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
 
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::http::{self, HeadError, RequestHead};
-use crate::mailbox::{self, MailboxSender};
+use crate::mailbox::{self, MailboxReceiver, MailboxSender};
 use crate::metrics;
 use crate::shard::message::{Endpoint, ShardMessage, ShardStats};
 
@@ -64,6 +66,38 @@ pub struct Router {
     draining: Arc<AtomicBool>,
     counters: RouterCounters,
     queue: TaskQueueHandle,
+    /// Handshakes (request heads being read) in progress, in all and per
+    /// peer address.
+    handshakes: Cell<usize>,
+    handshakes_by_peer: RefCell<AHashMap<IpAddr, usize>>,
+}
+
+/// Orders from the process to the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouterControl {
+    /// Stop accepting on the public listener (draining).
+    StopAccepting,
+    /// End the router.
+    Exit,
+}
+
+/// A handshake slot, given back when dropped.
+struct HandshakeSlot<'a> {
+    router: &'a Router,
+    peer: IpAddr,
+}
+
+impl Drop for HandshakeSlot<'_> {
+    fn drop(&mut self) {
+        self.router.handshakes.set(self.router.handshakes.get() - 1);
+        let mut by_peer = self.router.handshakes_by_peer.borrow_mut();
+        if let Some(count) = by_peer.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                by_peer.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// What the answer to a request does to the connection afterwards.
@@ -81,11 +115,13 @@ pub fn spawn(
     shards: Vec<MailboxSender<ShardMessage>>,
     listeners: Vec<(std::net::TcpListener, Role)>,
     draining: Arc<AtomicBool>,
+    control: MailboxReceiver<RouterControl>,
 ) -> glommio::Result<glommio::ExecutorJoinHandle<()>, ()> {
     LocalExecutorBuilder::new(Placement::Unbound)
         .name("router")
         .io_memory(0)
         .spawn(move || async move {
+            crate::audit::set_rate(config.limits.audit_per_sec);
             // Every router task runs in one latency-sensitive queue, so that
             // a shard's reply wakes it promptly even while it is busy.
             let queue = glommio::executor().create_task_queue(
@@ -100,29 +136,60 @@ pub fn spawn(
                 draining,
                 counters: RouterCounters::default(),
                 queue,
+                handshakes: Cell::new(0),
+                handshakes_by_peer: RefCell::new(AHashMap::new()),
             });
-            let mut loops = Vec::new();
+            let mut stops = Vec::new();
             for (listener, role) in listeners {
                 // SAFETY: the descriptor comes from a std listener consumed
                 // here; the glommio listener becomes its only owner.
                 let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
-                let task =
-                    glommio::spawn_local_into(router.clone().accept_loop(listener, role), queue);
-                match task {
-                    Ok(task) => loops.push(task),
+                let (stop, stopped) = local_channel::new_bounded(1);
+                let accept = router.clone().accept_loop(listener, role, stopped);
+                match glommio::spawn_local_into(accept, queue) {
+                    Ok(task) => {
+                        task.detach();
+                        stops.push((role, stop));
+                    }
                     Err(err) => tracing::error!(cause = %err, "cannot start accept loop"),
                 }
             }
-            for task in loops {
-                task.await;
+
+            while let Some(order) = control.recv().await {
+                match order {
+                    RouterControl::StopAccepting => {
+                        // The private listener keeps answering /readyz (503)
+                        // and metrics while the shards drain.
+                        for (role, stop) in &stops {
+                            if matches!(role, Role::Public { .. }) {
+                                let _ = stop.try_send(());
+                            }
+                        }
+                        tracing::info!("stopped accepting on the public listener");
+                    }
+                    RouterControl::Exit => break,
+                }
             }
         })
 }
 
 impl Router {
-    async fn accept_loop(self: Rc<Self>, listener: TcpListener, role: Role) {
+    async fn accept_loop(
+        self: Rc<Self>,
+        listener: TcpListener,
+        role: Role,
+        stopped: LocalReceiver<()>,
+    ) {
         loop {
-            let stream = match listener.accept().await {
+            let next = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+                let _ = stopped.recv().await;
+                None
+            });
+            let Some(accepted) = next.await else {
+                // Dropping the listener closes it: new connections are refused.
+                return;
+            };
+            let stream = match accepted {
                 Ok(stream) => stream,
                 Err(err) => {
                     // Out of descriptors or memory: back off instead of
@@ -158,6 +225,10 @@ impl Router {
         let mut deadline = accepted_at + limits.handshake_timeout;
         let mut first = true;
         loop {
+            let Some(slot) = self.handshake_slot(peer.ip()) else {
+                self.refuse_busy(&mut stream, peer).await;
+                return;
+            };
             let read = http::read_head(
                 &mut stream,
                 &mut buf,
@@ -173,6 +244,7 @@ impl Router {
                 }
             };
             first = false;
+            drop(slot);
 
             let after = self
                 .route(
@@ -192,6 +264,43 @@ impl Router {
             }
             deadline = Instant::now() + limits.http_idle_timeout;
         }
+    }
+
+    /// Takes a handshake slot, unless the overall or per-peer cap is reached.
+    fn handshake_slot(&self, peer: IpAddr) -> Option<HandshakeSlot<'_>> {
+        let limits = &self.config.limits;
+        if self.handshakes.get() >= limits.max_handshakes {
+            return None;
+        }
+        let mut by_peer = self.handshakes_by_peer.borrow_mut();
+        let count = by_peer.entry(peer).or_default();
+        if *count >= limits.max_handshakes_per_peer {
+            return None;
+        }
+        *count += 1;
+        self.handshakes.set(self.handshakes.get() + 1);
+        Some(HandshakeSlot { router: self, peer })
+    }
+
+    async fn refuse_busy(&self, stream: &mut TcpStream, peer: SocketAddr) {
+        self.counters.refuse("handshake_cap");
+        crate::audit!(
+            event = "handshake_cap",
+            peer = %peer,
+            in_progress = self.handshakes.get(),
+            "too many handshakes in progress; answered 503"
+        );
+        let mut out = Vec::new();
+        let headers = [("Retry-After", "1")];
+        http::write_response(
+            &mut out,
+            503,
+            &headers,
+            "text/plain",
+            b"overloaded\n",
+            false,
+        );
+        let _ = http::write_all(stream, &out).await;
     }
 
     async fn head_failed(

@@ -48,6 +48,24 @@ impl Router {
             }
         };
 
+        // Cross-site WebSocket hijacking: a browser always sends Origin, so a
+        // listed set of origins keeps other sites' pages out.
+        if let Some(allowed) = &self.config.allowed_origins
+            && let Some(origin) = head.header("origin")
+            && !allowed
+                .iter()
+                .any(|a| a.as_bytes().eq_ignore_ascii_case(origin.trim_ascii()))
+        {
+            self.counters.refuse("origin_not_allowed");
+            crate::audit!(
+                event = "origin_refused",
+                peer = %peer,
+                origin = %String::from_utf8_lossy(origin),
+                "upgrade from an origin not allowed; answered 403"
+            );
+            return answer(stream, 403, &[], "origin not allowed").await;
+        }
+
         // The token, from exactly one carrier (design: header, query, or
         // a subprotocol entry offered with shardgate.v1).
         let authorization = head.all("authorization");
@@ -57,9 +75,8 @@ impl Router {
             Ok(presented) => presented,
             Err(err) => {
                 self.counters.refuse(err.reason());
-                tracing::warn!(
-                    target: "audit",
-                    event = "upgrade_refused",
+                crate::audit!(
+                event = "upgrade_refused",
                     reason = err.reason(),
                     peer = %peer,
                     "no usable token carrier"
@@ -84,9 +101,8 @@ impl Router {
             Ok(claims) => claims,
             Err(err) => {
                 self.counters.refuse(err.reason());
-                tracing::warn!(
-                    target: "audit",
-                    event = "token_refused",
+                crate::audit!(
+                event = "token_refused",
                     reason = err.reason(),
                     carrier = ?presented.carrier,
                     peer = %peer,

@@ -19,10 +19,12 @@ use std::time::Instant;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
+use std::cell::Cell;
+use std::panic::AssertUnwindSafe;
+
 use super::Shard;
 use super::message::Endpoint;
 use super::outbox::ConnectionHandle;
-use super::protocol::{self, ClientFrame, Refusal};
 use crate::ws::codec::{Inbound, MessageDecoder, OpCode};
 
 /// What woke the task.
@@ -31,6 +33,8 @@ enum IoEvent {
     /// Everything queued has been written (only reported when asked for).
     Flushed,
     CloseRequested(u16, &'static str),
+    /// Drop the socket now (dead peer, or shutdown's last resort).
+    Abort,
     Eof,
     Failed(io::Error),
 }
@@ -56,6 +60,10 @@ pub struct Connection {
     /// False once decoding stopped mid-input (a violation, or a frame that
     /// ended the connection): the byte stream can no longer be followed.
     in_sync: bool,
+    /// A pong is queued and not yet written. Pings that arrive meanwhile get
+    /// no pong of their own (RFC 6455 §5.5.3 allows answering only the
+    /// latest), so a ping flood cannot fill the outbox.
+    pong_pending: Cell<bool>,
 }
 
 impl Connection {
@@ -72,6 +80,7 @@ impl Connection {
             decoder: MessageDecoder::new(),
             accepted_at: Some(accepted_at),
             in_sync: true,
+            pong_pending: Cell::new(false),
         }
     }
 
@@ -109,7 +118,7 @@ impl Connection {
                 self.closing_phase(&mut stream, true).await;
             }
         }
-        self.shard.connection_closed(self.endpoint);
+        self.shard.connection_closed(&self.handle);
     }
 
     async fn open_phase(&mut self, stream: &mut TcpStream) -> Ending {
@@ -126,7 +135,7 @@ impl Connection {
                     }
                 }
                 IoEvent::CloseRequested(code, reason) => return Ending::Close(code, reason),
-                IoEvent::Eof | IoEvent::Flushed => return Ending::Gone,
+                IoEvent::Eof | IoEvent::Flushed | IoEvent::Abort => return Ending::Gone,
                 IoEvent::Failed(err) => {
                     tracing::debug!(conn = self.handle.id, cause = %err, "socket error");
                     return Ending::Gone;
@@ -171,7 +180,7 @@ impl Connection {
                         }
                     }
                     IoEvent::CloseRequested(..) => {}
-                    IoEvent::Eof | IoEvent::Failed(_) => return,
+                    IoEvent::Eof | IoEvent::Failed(_) | IoEvent::Abort => return,
                 }
             }
         };
@@ -191,6 +200,9 @@ impl Connection {
         watch_close: bool,
     ) -> Poll<IoEvent> {
         let mut outbox = self.handle.outbox.borrow_mut();
+        if outbox.abort {
+            return Poll::Ready(IoEvent::Abort);
+        }
 
         // Write: one send() for everything queued since the last one.
         while !outbox.buf.is_empty() {
@@ -205,6 +217,9 @@ impl Connection {
                 Poll::Ready(Err(err)) => return Poll::Ready(IoEvent::Failed(err)),
                 Poll::Pending => break,
             }
+        }
+        if outbox.buf.is_empty() {
+            self.pong_pending.set(false);
         }
         if report_flushed && outbox.buf.is_empty() {
             return Poll::Ready(IoEvent::Flushed);
@@ -238,32 +253,52 @@ impl Connection {
     }
 
     /// Decodes and handles bytes from the peer. Breaks with how the
-    /// connection must end.
+    /// connection must end. A panic in here closes this connection (1011)
+    /// and, if it interrupted a change to the user's manager, that user's
+    /// other connections; the shard and its other users go on.
     fn on_bytes(&mut self, input: &mut [u8]) -> ControlFlow<Ending> {
+        // Any frame from the peer shows it is alive.
+        self.handle.last_seen_ms.set(self.shard.now_ms());
+        self.handle.ping_sent_ms.set(None);
+
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| self.decode(input)));
+        match outcome {
+            Ok(step) => step,
+            Err(_) => {
+                self.in_sync = false;
+                self.shard.recover_from_panic(&self.handle);
+                ControlFlow::Break(Ending::Close(1011, "internal error"))
+            }
+        }
+    }
+
+    fn decode(&mut self, input: &mut [u8]) -> ControlFlow<Ending> {
         let shard = &self.shard;
         let handle = &self.handle;
         let endpoint = self.endpoint;
+        let pong_pending = &self.pong_pending;
         let limits = shard.message_limits();
         let mut ending = None;
 
         let decoded = self.decoder.feed(input, &limits, |inbound| {
-            let step = match inbound {
-                Inbound::Text(text) => match endpoint {
-                    Endpoint::Echo => shard.reply_frame(handle, OpCode::Text, text.as_bytes()),
-                    Endpoint::Protocol => handle_text(shard, handle, text),
-                },
-                Inbound::Binary(bytes) => match endpoint {
-                    Endpoint::Echo => shard.reply_frame(handle, OpCode::Binary, bytes),
-                    Endpoint::Protocol => shard.reply_error(
-                        handle,
-                        "bad_message",
-                        None,
-                        "binary frames are not accepted",
-                    ),
-                },
-                Inbound::Ping(payload) => shard.reply_frame(handle, OpCode::Pong, payload),
-                Inbound::Pong(_) => ControlFlow::Continue(()),
-                Inbound::Close(code, _reason) => ControlFlow::Break(Ending::PeerClosed(code)),
+            let step = match (inbound, endpoint) {
+                (Inbound::Text(text), Endpoint::Protocol) => shard.on_text(handle, text),
+                (Inbound::Binary(_), Endpoint::Protocol) => shard.on_binary(handle),
+                (Inbound::Text(text), Endpoint::Echo) => {
+                    shard.on_echo(handle, OpCode::Text, text.as_bytes())
+                }
+                (Inbound::Binary(bytes), Endpoint::Echo) => {
+                    shard.on_echo(handle, OpCode::Binary, bytes)
+                }
+                (Inbound::Ping(payload), _) => {
+                    if pong_pending.replace(true) {
+                        ControlFlow::Continue(())
+                    } else {
+                        shard.reply_frame(handle, OpCode::Pong, payload)
+                    }
+                }
+                (Inbound::Pong(_), _) => ControlFlow::Continue(()),
+                (Inbound::Close(code, _reason), _) => ControlFlow::Break(Ending::PeerClosed(code)),
             };
             match step {
                 ControlFlow::Continue(()) => ControlFlow::Continue(()),
@@ -275,10 +310,7 @@ impl Connection {
         });
 
         if let Err(err) = decoded {
-            shard
-                .counters
-                .protocol_errors
-                .set(shard.counters.protocol_errors.get() + 1);
+            super::bump(&shard.counters.protocol_errors, 1);
             tracing::debug!(
                 conn = handle.id,
                 user = %handle.user,
@@ -321,84 +353,4 @@ impl Connection {
     fn queue_close(&self, code: u16, reason: &str) {
         self.handle.outbox.borrow_mut().push_close(code, reason);
     }
-}
-
-/// Handles one text message on `/ws`. Breaks when the connection must close.
-fn handle_text(shard: &Shard, handle: &ConnectionHandle, text: &str) -> ControlFlow<Ending> {
-    shard
-        .counters
-        .messages_received
-        .set(shard.counters.messages_received.get() + 1);
-
-    match protocol::parse(text, &handle.user) {
-        Ok(ClientFrame::Send { id, data }) => shard.client_send(handle, id, data),
-        Ok(ClientFrame::Ping { id }) => {
-            let mut reply = shard.reply_buf.borrow_mut();
-            reply.clear();
-            protocol::write_pong(&mut reply, id);
-            shard.reply_frame(handle, OpCode::Text, &reply)
-        }
-        Ok(ClientFrame::Refresh { id, token }) => refresh(shard, handle, id, &token),
-        Err(Refusal::BadMessage { id, detail }) => {
-            shard.reply_error(handle, "bad_message", id, detail)
-        }
-        Err(Refusal::Forbidden { id }) => {
-            tracing::warn!(
-                target: "audit",
-                event = "forbidden_user_id",
-                user = %handle.user,
-                conn = handle.id,
-                shard = shard.index,
-                "frame named another user; refused"
-            );
-            shard.reply_error(
-                handle,
-                "forbidden",
-                id,
-                "user_id does not match the connection",
-            )
-        }
-    }
-}
-
-/// `refresh`: a valid token for the same user replaces the expiry; anything
-/// else closes the connection with 4001.
-fn refresh(
-    shard: &Shard,
-    handle: &ConnectionHandle,
-    id: &serde_json::value::RawValue,
-    token: &str,
-) -> ControlFlow<Ending> {
-    let claims = match shard.verifier.verify(token) {
-        Ok(claims) => claims,
-        Err(err) => {
-            tracing::warn!(
-                target: "audit",
-                event = "refresh_refused",
-                reason = err.reason(),
-                user = %handle.user,
-                conn = handle.id,
-                "refresh token refused; closing with 4001"
-            );
-            return ControlFlow::Break(Ending::Close(4001, "refresh refused"));
-        }
-    };
-    if claims.sub.as_bytes() != handle.user.as_bytes() {
-        tracing::warn!(
-            target: "audit",
-            event = "identity_mismatch",
-            user = %handle.user,
-            token_user = %claims.sub,
-            conn = handle.id,
-            "refresh token names another user; closing with 4001"
-        );
-        return ControlFlow::Break(Ending::Close(4001, "refresh refused"));
-    }
-
-    handle.expires_at.set(claims.exp);
-    handle.issued_at.set(claims.iat);
-    let mut reply = shard.reply_buf.borrow_mut();
-    reply.clear();
-    protocol::write_refreshed(&mut reply, id, claims.exp);
-    shard.reply_frame(handle, OpCode::Text, &reply)
 }

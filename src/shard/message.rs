@@ -24,6 +24,8 @@ pub enum ShardMessage {
     },
     /// A request for this shard's counters, for `/metrics`.
     Stats { reply: MailboxSender<ShardStats> },
+    /// Drain queued messages, close every connection with 1001, stop.
+    Shutdown,
 }
 
 /// Which WebSocket endpoint the client asked for.
@@ -58,9 +60,22 @@ pub struct Handoff {
 
 /// A backend command, already validated by the router.
 pub enum Command {
-    Publish { user: String, data: Box<RawValue> },
-    Presence { user: String },
-    Disconnect { user: String },
+    Publish {
+        user: String,
+        data: Box<RawValue>,
+    },
+    Presence {
+        user: String,
+    },
+    Disconnect {
+        user: String,
+    },
+    /// Close the user's connections whose token has `iat` before
+    /// `issued_before` and refuse such tokens from then on.
+    Revoke {
+        user: String,
+        issued_before: u64,
+    },
 }
 
 /// A shard's answer to a [`Command`].
@@ -77,6 +92,11 @@ pub enum CommandReply {
     Disconnected {
         closed: usize,
     },
+    Revoked {
+        closed: usize,
+    },
+    /// The shard is shutting down and takes no new work.
+    Unavailable,
 }
 
 /// Counters of one shard, gathered for `/metrics`.
@@ -94,6 +114,15 @@ pub struct ShardStats {
     pub refused_user_cap: u64,
     pub refused_shard_cap: u64,
     pub refused_late: u64,
+    pub refused_revoked: u64,
+    pub refused_draining: u64,
+    pub bad_messages: u64,
+    pub forbidden: u64,
+    pub rate_limited: u64,
+    pub abuse_closes: u64,
+    pub pong_timeouts: u64,
+    pub expired: u64,
+    pub panics: u64,
     pub protocol_errors: u64,
     pub slow_consumers: u64,
     pub isolation_violations: u64,

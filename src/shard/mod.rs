@@ -2,39 +2,54 @@
 //! every user hashed to it and every socket of those users.
 //!
 //! The shard's only door is its mailbox. Through it come hand-offs (a socket
-//! whose token the router verified), backend commands, and requests for
-//! counters. Nothing the shard owns is reachable from another thread: the
-//! user map, the managers, the sockets and the scratch buffers live in `Rc`
-//! and `RefCell` on the shard's own thread. A shard never reads another
-//! shard's users.
+//! whose token the router verified), backend commands, requests for counters
+//! and the shutdown order. Nothing the shard owns is reachable from another
+//! thread: the user map, the managers, the sockets and the scratch buffers
+//! live in `Rc` and `RefCell` on the shard's own thread. A shard never reads
+//! another shard's users.
+//!
+//! The shard's work is split by concern: this file starts the shard and
+//! adopts connections; `commands` answers the router; `lifecycle` runs the
+//! periodic sweep (expiry, heartbeats, revocations), shutdown, and recovery
+//! from panics; `traffic` handles what connections send.
 
+mod commands;
 pub mod connection;
+mod lifecycle;
 pub mod message;
 pub mod outbox;
 pub mod protocol;
+pub mod rate;
+mod traffic;
 pub mod user;
 
 use std::cell::{Cell, RefCell};
-use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::io::FromRawFd;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ahash::AHashMap;
 use glommio::net::TcpStream;
 use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
-use serde_json::value::RawValue;
 
-use crate::auth::{self, Verifier};
+use crate::auth::Verifier;
 use crate::config::Config;
 use crate::mailbox::MailboxReceiver;
 use crate::ws::codec::{MessageLimits, OpCode};
-use connection::{Connection, Ending};
-use message::{Command, CommandReply, Endpoint, Handoff, ShardMessage, ShardStats};
+use connection::Connection;
+use message::{Endpoint, Handoff, ShardMessage};
 use outbox::{ConnectionHandle, OutboxLimits};
 use user::UserManager;
+
+/// Test builds only: `data` values that make a shard panic on purpose, in
+/// the middle of a fan-out or while handling a frame.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_IN_DELIVERY: &str = "\"__shardgate_fault_in_delivery__\"";
+#[cfg(feature = "fault-injection")]
+pub const FAULT_IN_CONNECTION: &str = "\"__shardgate_fault_in_connection__\"";
 
 /// Size of the shard's read buffer, shared by all its connections.
 const READ_BUFFER: usize = 64 * 1024;
@@ -64,15 +79,31 @@ pub struct Counters {
     pub refused_user_cap: Cell<u64>,
     pub refused_shard_cap: Cell<u64>,
     pub refused_late: Cell<u64>,
+    pub refused_revoked: Cell<u64>,
+    pub refused_draining: Cell<u64>,
     pub protocol_errors: Cell<u64>,
+    pub bad_messages: Cell<u64>,
+    pub forbidden: Cell<u64>,
+    pub rate_limited: Cell<u64>,
+    pub abuse_closes: Cell<u64>,
     pub slow_consumers: Cell<u64>,
+    pub pong_timeouts: Cell<u64>,
+    pub expired: Cell<u64>,
+    pub panics: Cell<u64>,
     pub isolation_violations: Cell<u64>,
     pub handoff_latency: [Cell<u64>; LATENCY_BUCKETS_US.len()],
     pub handoff_latency_sum_us: Cell<u64>,
 }
 
-fn bump(counter: &Cell<u64>, by: u64) {
+pub(crate) fn bump(counter: &Cell<u64>, by: u64) {
     counter.set(counter.get() + by);
+}
+
+/// A revocation kept by the user's shard: tokens issued before
+/// `issued_before` are refused until `keep_until` (seconds since the epoch).
+struct Revocation {
+    issued_before: u64,
+    keep_until: u64,
 }
 
 /// The state of one shard, owned by its thread.
@@ -82,9 +113,15 @@ pub struct Shard {
     pub config: Arc<Config>,
     pub verifier: Arc<Verifier>,
     users: RefCell<AHashMap<Rc<str>, UserManager>>,
-    connections: Cell<usize>,
+    /// Every open connection (both endpoints), by id.
+    connections: RefCell<AHashMap<u64, Rc<ConnectionHandle>>>,
+    protocol_connections: Cell<usize>,
     echo_connections: Cell<usize>,
+    revocations: RefCell<AHashMap<Box<str>, Revocation>>,
     next_conn: Cell<u64>,
+    started: Instant,
+    /// Set by the shutdown order: no new connections, sends or publishes.
+    draining: Cell<bool>,
     pub counters: Counters,
     /// Where every connection's bytes are read and decoded.
     read_buf: RefCell<Vec<u8>>,
@@ -93,6 +130,8 @@ pub struct Shard {
     /// Where replies (ack, pong, error) are built.
     reply_buf: RefCell<Vec<u8>>,
     connection_queue: TaskQueueHandle,
+    /// Told when shutdown is complete, so the executor can end.
+    finished: RefCell<Option<glommio::channels::local_channel::LocalSender<()>>>,
 }
 
 /// Starts shard `index` on its own thread, pinned to `cpu` when given.
@@ -120,6 +159,7 @@ async fn run(
     verifier: Arc<Verifier>,
     inbox: MailboxReceiver<ShardMessage>,
 ) {
+    crate::audit::set_rate(config.limits.audit_per_sec);
     let executor = glommio::executor();
     let connection_queue =
         executor.create_task_queue(Shares::default(), Latency::NotImportant, "connections");
@@ -130,34 +170,35 @@ async fn run(
         Latency::Matters(config.limits.handoff_latency),
         "mailbox",
     );
+    let (finished, wait_finished) = glommio::channels::local_channel::new_bounded(1);
 
     let shard = Rc::new(Shard {
         index,
         shard_count: config.shards,
         verifier,
         users: RefCell::new(AHashMap::new()),
-        connections: Cell::new(0),
+        connections: RefCell::new(AHashMap::new()),
+        protocol_connections: Cell::new(0),
         echo_connections: Cell::new(0),
+        revocations: RefCell::new(AHashMap::new()),
         next_conn: Cell::new(0),
+        started: Instant::now(),
+        draining: Cell::new(false),
         counters: Counters::default(),
         read_buf: RefCell::new(vec![0; READ_BUFFER]),
         encode_buf: RefCell::new(Vec::new()),
         reply_buf: RefCell::new(Vec::new()),
         connection_queue,
+        finished: RefCell::new(Some(finished)),
         config,
     });
-    tracing::info!(
-        shard = index,
-        executor = glommio::executor().id(),
-        "shard started"
-    );
+    tracing::info!(shard = index, executor = executor.id(), "shard started");
 
     let sweeper = shard.clone();
-    let housekeeping = glommio::spawn_local_into(
+    if let Ok(task) = glommio::spawn_local_into(
         async move { sweeper.housekeeping().await },
         connection_queue,
-    );
-    if let Ok(task) = housekeeping {
+    ) {
         task.detach();
     }
 
@@ -171,15 +212,25 @@ async fn run(
         mailbox_queue,
     );
     match mailbox {
-        Ok(task) => task.await,
-        Err(err) => tracing::error!(shard = index, cause = %err, "cannot start mailbox task"),
+        Ok(task) => {
+            task.detach();
+        }
+        Err(err) => {
+            tracing::error!(shard = index, cause = %err, "cannot start mailbox task");
+            return;
+        }
     }
+
+    // Runs until shutdown completes (or every sender is gone).
+    let _ = wait_finished.recv().await;
     tracing::info!(shard = index, "shard stopped");
 }
 
 impl Shard {
+    /// One mailbox message. A panic here is caught: the message is lost,
+    /// the shard goes on.
     fn handle(self: &Rc<Self>, message: ShardMessage) {
-        match message {
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match message {
             ShardMessage::Upgrade(handoff) => self.adopt(*handoff),
             ShardMessage::Command { command, reply } => {
                 let answer = self.command(command);
@@ -189,6 +240,11 @@ impl Shard {
             ShardMessage::Stats { reply } => {
                 let _ = reply.try_send(self.stats());
             }
+            ShardMessage::Shutdown => self.begin_shutdown(),
+        }));
+        if outcome.is_err() {
+            bump(&self.counters.panics, 1);
+            tracing::error!(shard = self.index, "panic while handling a mailbox message");
         }
     }
 
@@ -206,8 +262,13 @@ impl Shard {
         }
     }
 
-    /// Finishes a hand-off: refuses it (late, shard full, user full) or
-    /// answers 101 and starts the connection's task.
+    /// Milliseconds since the shard started: the clock of heartbeats.
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Finishes a hand-off: refuses it (late, draining, revoked, shard or
+    /// user full) or answers 101 and starts the connection's task.
     fn adopt(self: &Rc<Self>, handoff: Handoff) {
         bump(&self.counters.handoffs, 1);
         let limits = &self.config.limits;
@@ -223,11 +284,28 @@ impl Shard {
             refuse(handoff.socket, 503, &[("Retry-After", "1")]);
             return;
         }
-        let open = self.connections.get() + self.echo_connections.get();
+        if self.draining.get() {
+            bump(&self.counters.refused_draining, 1);
+            refuse(handoff.socket, 503, &[("Retry-After", "5")]);
+            return;
+        }
+        if self.is_revoked(user, handoff.claims.iat) {
+            bump(&self.counters.refused_revoked, 1);
+            crate::audit!(
+                event = "token_revoked",
+                shard = self.index,
+                user,
+                peer = %handoff.peer,
+                "upgrade with a revoked token; answered 401"
+            );
+            let challenge = ("WWW-Authenticate", "Bearer error=\"invalid_token\"");
+            refuse(handoff.socket, 401, &[challenge]);
+            return;
+        }
+        let open = self.protocol_connections.get() + self.echo_connections.get();
         if open >= limits.max_connections_per_shard {
             bump(&self.counters.refused_shard_cap, 1);
-            tracing::warn!(
-                target: "audit",
+            crate::audit!(
                 event = "shard_full",
                 shard = self.index,
                 user,
@@ -243,8 +321,7 @@ impl Shard {
             && user_connections >= limits.max_connections_per_user
         {
             bump(&self.counters.refused_user_cap, 1);
-            tracing::warn!(
-                target: "audit",
+            crate::audit!(
                 event = "user_connection_cap",
                 shard = self.index,
                 user,
@@ -262,7 +339,17 @@ impl Shard {
         let stream = unsafe { TcpStream::from_raw_fd(handoff.socket.into_raw_fd()) };
         let id = self.next_conn.get() * self.shard_count as u64 + self.index as u64;
         self.next_conn.set(self.next_conn.get() + 1);
-        let handle = ConnectionHandle::new(id, user, handoff.claims.exp, handoff.claims.iat);
+        let echo = handoff.endpoint == Endpoint::Echo;
+        let claims = &handoff.claims;
+        let handle =
+            ConnectionHandle::with_kind(id, user, claims.exp, claims.iat, echo, self.now_ms());
+        if echo && limits.rate_per_sec > 0 {
+            *handle.bucket.borrow_mut() = Some(rate::TokenBucket::new(
+                limits.rate_per_sec,
+                limits.rate_burst,
+                Instant::now(),
+            ));
+        }
 
         // The 101 answer, then (on /ws) the welcome frame, leave together.
         let mut head = Vec::with_capacity(160);
@@ -272,17 +359,18 @@ impl Shard {
             handoff.subprotocol,
         );
         handle.outbox.borrow_mut().push_raw(&head);
-        match handoff.endpoint {
-            Endpoint::Protocol => {
-                if let Err(err) = self.attach(&handle) {
-                    tracing::error!(shard = self.index, cause = %err, "attach refused");
-                    return;
-                }
-                self.connections.set(self.connections.get() + 1);
+        if echo {
+            self.echo_connections.set(self.echo_connections.get() + 1);
+        } else {
+            if let Err(err) = self.attach(&handle) {
+                tracing::error!(shard = self.index, cause = %err, "attach refused");
+                return;
             }
-            Endpoint::Echo => self.echo_connections.set(self.echo_connections.get() + 1),
+            self.protocol_connections
+                .set(self.protocol_connections.get() + 1);
         }
-        tracing::debug!(shard = self.index, user, conn = id, endpoint = ?handoff.endpoint, "connection open");
+        self.connections.borrow_mut().insert(id, handle.clone());
+        tracing::debug!(shard = self.index, user, conn = id, echo, "connection open");
 
         let connection =
             Connection::new(self.clone(), handle, handoff.endpoint, handoff.accepted_at);
@@ -290,24 +378,21 @@ impl Shard {
             connection.run(stream, handoff.early_bytes),
             self.connection_queue,
         );
-        match task {
-            Ok(task) => {
-                task.detach();
-            }
-            Err(err) => {
-                tracing::error!(shard = self.index, cause = %err, "cannot spawn connection")
-            }
-        };
+        if let Err(err) = task.map(|task| task.detach()) {
+            tracing::error!(shard = self.index, cause = %err, "cannot spawn connection");
+        }
     }
 
     /// Adds a connection to its user's manager, creating the manager (and a
     /// new epoch) for a user's first connection, and queues the welcome.
     fn attach(&self, handle: &Rc<ConnectionHandle>) -> Result<(), user::IsolationViolation> {
+        let limits = &self.config.limits;
         let mut users = self.users.borrow_mut();
         let manager = match users.get_mut(&*handle.user) {
             Some(manager) => manager,
             None => {
-                let manager = UserManager::new(&handle.user);
+                let manager =
+                    UserManager::with_rate(&handle.user, limits.rate_per_sec, limits.rate_burst);
                 let key = manager.user().clone();
                 users.entry(key).or_insert(manager)
             }
@@ -353,166 +438,18 @@ impl Shard {
     }
 
     /// Called by a connection's task as it ends.
-    pub fn connection_closed(&self, endpoint: Endpoint) {
-        match endpoint {
-            Endpoint::Protocol => self.connections.set(self.connections.get() - 1),
-            Endpoint::Echo => self.echo_connections.set(self.echo_connections.get() - 1),
-        }
-    }
-
-    /// Queues one frame for the connection itself. A full outbox means the
-    /// client does not read its replies: it is a slow consumer.
-    pub fn reply_frame(
-        &self,
-        handle: &ConnectionHandle,
-        opcode: OpCode,
-        payload: &[u8],
-    ) -> ControlFlow<Ending> {
-        let pushed = handle
-            .outbox
-            .borrow_mut()
-            .push(opcode, payload, self.outbox_limits());
-        if pushed.is_err() {
-            bump(&self.counters.slow_consumers, 1);
-            tracing::warn!(
-                target: "audit",
-                event = "slow_consumer",
-                user = %handle.user,
-                conn = handle.id,
-                "replies not read; closing with 4008"
-            );
-            return ControlFlow::Break(Ending::Close(4008, "slow consumer"));
-        }
-        ControlFlow::Continue(())
-    }
-
-    /// Queues an `error` frame for the connection itself.
-    pub fn reply_error(
-        &self,
-        handle: &ConnectionHandle,
-        code: &str,
-        id: Option<&RawValue>,
-        detail: &str,
-    ) -> ControlFlow<Ending> {
-        let mut reply = self.reply_buf.borrow_mut();
-        reply.clear();
-        protocol::write_error(&mut reply, code, id, detail);
-        self.reply_frame(handle, OpCode::Text, &reply)
-    }
-
-    /// A client `send`: deliver to the user's other connections, ack.
-    pub fn client_send(
-        &self,
-        handle: &ConnectionHandle,
-        id: &RawValue,
-        data: &RawValue,
-    ) -> ControlFlow<Ending> {
-        let delivery = {
-            let mut users = self.users.borrow_mut();
-            let Some(manager) = users.get_mut(&*handle.user) else {
-                // Only a connection already on its way out has no manager.
-                return ControlFlow::Continue(());
-            };
-            let mut encode = self.encode_buf.borrow_mut();
-            manager.send_from(handle, data, self.outbox_limits(), &mut encode)
+    pub fn connection_closed(&self, handle: &ConnectionHandle) {
+        self.connections.borrow_mut().remove(&handle.id);
+        let count = if handle.echo {
+            &self.echo_connections
+        } else {
+            &self.protocol_connections
         };
-        let delivery = match delivery {
-            Ok(delivery) => delivery,
-            Err(_) => {
-                bump(&self.counters.isolation_violations, 1);
-                return ControlFlow::Break(Ending::Close(1011, "internal error"));
-            }
-        };
-        bump(&self.counters.messages_delivered, delivery.delivered as u64);
-        bump(
-            &self.counters.slow_consumers,
-            delivery.slow_consumers as u64,
-        );
-
-        let mut reply = self.reply_buf.borrow_mut();
-        reply.clear();
-        protocol::write_ack(&mut reply, id, delivery.epoch, delivery.seq);
-        self.reply_frame(handle, OpCode::Text, &reply)
-    }
-
-    /// A backend command for one user of this shard.
-    fn command(&self, command: Command) -> CommandReply {
-        let mut users = self.users.borrow_mut();
-        match command {
-            Command::Publish { user, data } => {
-                let Some(manager) = users.get_mut(user.as_str()) else {
-                    return CommandReply::Published {
-                        delivered: 0,
-                        sequence: None,
-                    };
-                };
-                let mut encode = self.encode_buf.borrow_mut();
-                let delivery = manager.publish(&data, self.outbox_limits(), &mut encode);
-                bump(&self.counters.messages_delivered, delivery.delivered as u64);
-                bump(
-                    &self.counters.slow_consumers,
-                    delivery.slow_consumers as u64,
-                );
-                CommandReply::Published {
-                    delivered: delivery.delivered,
-                    sequence: Some((delivery.epoch, delivery.seq)),
-                }
-            }
-            Command::Presence { user } => CommandReply::Presence {
-                connections: users.get(user.as_str()).map_or(0, UserManager::len),
-            },
-            Command::Disconnect { user } => {
-                let closed = match users.remove(user.as_str()) {
-                    Some(mut manager) => manager.close_all(4003, "disconnected by the server"),
-                    None => 0,
-                };
-                if closed > 0 {
-                    tracing::info!(
-                        shard = self.index,
-                        user,
-                        closed,
-                        "user disconnected by the API"
-                    );
-                }
-                CommandReply::Disconnected { closed }
-            }
-        }
-    }
-
-    fn stats(&self) -> ShardStats {
-        let users = self.users.borrow();
-        let counters = &self.counters;
-        let mut cumulative = 0;
-        let handoff_latency_us = LATENCY_BUCKETS_US
-            .iter()
-            .zip(&counters.handoff_latency)
-            .map(|(&bound, count)| {
-                cumulative += count.get();
-                (bound, cumulative)
-            })
-            .collect();
-        ShardStats {
-            shard: self.index,
-            users: users.len(),
-            connections: self.connections.get(),
-            echo_connections: self.echo_connections.get(),
-            queued_messages: users.values().map(UserManager::queued_frames).sum(),
-            handoffs: counters.handoffs.get(),
-            messages_received: counters.messages_received.get(),
-            messages_delivered: counters.messages_delivered.get(),
-            refused_user_cap: counters.refused_user_cap.get(),
-            refused_shard_cap: counters.refused_shard_cap.get(),
-            refused_late: counters.refused_late.get(),
-            protocol_errors: counters.protocol_errors.get(),
-            slow_consumers: counters.slow_consumers.get(),
-            isolation_violations: counters.isolation_violations.get(),
-            handoff_latency_us,
-            handoff_latency_sum_us: counters.handoff_latency_sum_us.get(),
-        }
+        count.set(count.get().saturating_sub(1));
     }
 
     /// Records the time from accept to the 101 leaving the shard.
-    pub fn record_handoff_latency(&self, elapsed: Duration) {
+    pub fn record_handoff_latency(&self, elapsed: std::time::Duration) {
         let micros = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
         let bucket = LATENCY_BUCKETS_US
             .iter()
@@ -520,34 +457,6 @@ impl Shard {
             .unwrap_or(LATENCY_BUCKETS_US.len() - 1);
         bump(&self.counters.handoff_latency[bucket], 1);
         bump(&self.counters.handoff_latency_sum_us, micros);
-    }
-
-    /// Once a second: closes connections whose token has expired (4001).
-    async fn housekeeping(self: Rc<Self>) {
-        let leeway = self.config.limits.jwt_leeway_secs;
-        loop {
-            glommio::timer::sleep(Duration::from_secs(1)).await;
-            let now = auth::now_secs();
-            let mut expired = Vec::new();
-            {
-                let users = self.users.borrow();
-                for manager in users.values() {
-                    for conn in manager.connections() {
-                        if conn.expires_at.get().saturating_add(leeway) < now {
-                            expired.push(conn.clone());
-                        }
-                    }
-                }
-            }
-            for conn in expired {
-                tracing::debug!(
-                    user = %conn.user,
-                    conn = conn.id,
-                    "token expired on an open connection; closing with 4001"
-                );
-                conn.request_close(4001, "token expired");
-            }
-        }
     }
 }
 

@@ -27,19 +27,54 @@ pub struct ConnectionHandle {
     pub issued_at: Cell<Option<u64>>,
     /// Whether the user's manager lists this connection.
     pub attached: Cell<bool>,
+    /// An `/ws/echo` connection (not in any manager).
+    pub echo: bool,
+    /// Shard clock (ms) when the peer last sent anything.
+    pub last_seen_ms: Cell<u64>,
+    /// Shard clock (ms) when the server's unanswered ping was queued.
+    pub ping_sent_ms: Cell<Option<u64>>,
+    /// Messages refused by the rate limit in a row.
+    pub limited_streak: Cell<u32>,
+    /// The message budget of an echo connection (protocol connections use
+    /// their user's manager).
+    pub bucket: RefCell<Option<super::rate::TokenBucket>>,
     pub outbox: RefCell<Outbox>,
 }
 
 impl ConnectionHandle {
     pub fn new(id: u64, user: &str, expires_at: u64, issued_at: Option<u64>) -> Rc<Self> {
+        Self::with_kind(id, user, expires_at, issued_at, false, 0)
+    }
+
+    pub fn with_kind(
+        id: u64,
+        user: &str,
+        expires_at: u64,
+        issued_at: Option<u64>,
+        echo: bool,
+        now_ms: u64,
+    ) -> Rc<Self> {
         Rc::new(ConnectionHandle {
             id,
             user: Rc::from(user),
             expires_at: Cell::new(expires_at),
             issued_at: Cell::new(issued_at),
             attached: Cell::new(false),
+            echo,
+            last_seen_ms: Cell::new(now_ms),
+            ping_sent_ms: Cell::new(None),
+            limited_streak: Cell::new(0),
+            bucket: RefCell::new(None),
             outbox: RefCell::new(Outbox::default()),
         })
+    }
+
+    /// Asks the connection's task to drop the socket at once, without a
+    /// close handshake (the peer is gone or unresponsive).
+    pub fn abort(&self) {
+        let mut outbox = self.outbox.borrow_mut();
+        outbox.abort = true;
+        outbox.wake();
     }
 
     /// Asks the connection's task to close with `code`; the first request
@@ -81,6 +116,8 @@ pub struct Outbox {
     /// The connection task's waker, set while it waits.
     pub waker: Option<Waker>,
     pub close: Option<CloseRequest>,
+    /// Drop the socket without a close handshake.
+    pub abort: bool,
 }
 
 /// Capacity kept after the buffer drains; larger buffers are released so an

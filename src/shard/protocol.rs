@@ -53,7 +53,9 @@ struct Envelope<'a> {
     id: Option<&'a RawValue>,
     data: Option<&'a RawValue>,
     token: Option<&'a RawValue>,
-    user_id: Option<&'a RawValue>,
+    /// Every `user_id` given: a frame repeating the field must not hide a
+    /// foreign id behind its own.
+    user_ids: Vec<&'a RawValue>,
     unknown_field: bool,
     duplicate_field: bool,
 }
@@ -106,7 +108,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
                         Key::Id => &mut envelope.id,
                         Key::Data => &mut envelope.data,
                         Key::Token => &mut envelope.token,
-                        Key::UserId => &mut envelope.user_id,
+                        Key::UserId => {
+                            envelope.user_ids.push(map.next_value()?);
+                            continue;
+                        }
                         Key::Other => {
                             envelope.unknown_field = true;
                             map.next_value::<IgnoredAny>()?;
@@ -125,8 +130,51 @@ impl<'de: 'a, 'a> Deserialize<'de> for Envelope<'a> {
     }
 }
 
-/// Parses one text message of a connection owned by `user`.
-pub fn parse<'a>(text: &'a str, user: &str) -> Result<ClientFrame<'a>, Refusal<'a>> {
+/// Whether `text` nests arrays and objects deeper than `max`. One linear
+/// pass that skips strings, so a hostile document costs no more than its
+/// length (the parser would otherwise recurse into it).
+pub fn nesting_exceeds(text: &str, max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in text.as_bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Parses one text message of a connection owned by `user`, refusing
+/// documents nested deeper than `max_depth`.
+pub fn parse<'a>(
+    text: &'a str,
+    user: &str,
+    max_depth: usize,
+) -> Result<ClientFrame<'a>, Refusal<'a>> {
+    if nesting_exceeds(text, max_depth) {
+        return Err(Refusal::BadMessage {
+            id: None,
+            detail: "JSON nested too deeply",
+        });
+    }
     let Ok(envelope) = serde_json::from_str::<Envelope<'a>>(text) else {
         return Err(Refusal::BadMessage {
             id: None,
@@ -136,7 +184,7 @@ pub fn parse<'a>(text: &'a str, user: &str) -> Result<ClientFrame<'a>, Refusal<'
     let id = envelope.id.filter(|raw| usable_id(raw));
 
     // The user_id rule comes before every other check.
-    if let Some(claimed) = envelope.user_id {
+    for claimed in &envelope.user_ids {
         let same_user = serde_json::from_str::<String>(claimed.get())
             .map(|claimed| claimed.as_bytes() == user.as_bytes())
             .unwrap_or(false);
@@ -144,8 +192,11 @@ pub fn parse<'a>(text: &'a str, user: &str) -> Result<ClientFrame<'a>, Refusal<'
             return Err(Refusal::Forbidden { id });
         }
     }
+    if envelope.user_ids.len() > 1 {
+        return bad_request(id, "duplicate field");
+    }
 
-    let bad = |detail| Err(Refusal::BadMessage { id, detail });
+    let bad = |detail| bad_request(id, detail);
     if envelope.duplicate_field {
         return bad("duplicate field");
     }
@@ -185,6 +236,13 @@ pub fn parse<'a>(text: &'a str, user: &str) -> Result<ClientFrame<'a>, Refusal<'
     }
 }
 
+fn bad_request<'a>(
+    id: Option<&'a RawValue>,
+    detail: &'static str,
+) -> Result<ClientFrame<'a>, Refusal<'a>> {
+    Err(Refusal::BadMessage { id, detail })
+}
+
 /// The string a raw JSON value holds, if it is a string; borrowed when it
 /// has no escapes, which is the common case.
 fn json_str(raw: &RawValue) -> Option<std::borrow::Cow<'_, str>> {
@@ -196,6 +254,14 @@ fn json_str(raw: &RawValue) -> Option<std::borrow::Cow<'_, str>> {
     serde_json::from_str::<String>(text)
         .ok()
         .map(std::borrow::Cow::Owned)
+}
+
+/// The usable `id` of a frame, if it has one, without validating the rest.
+pub fn peek_id(text: &str) -> Option<&RawValue> {
+    serde_json::from_str::<Envelope<'_>>(text)
+        .ok()?
+        .id
+        .filter(|raw| usable_id(raw))
 }
 
 /// An id must be a JSON string or number of bounded size.
@@ -261,10 +327,21 @@ pub fn write_error(out: &mut Vec<u8>, code: &str, id: Option<&RawValue>, detail:
     out.push(b'}');
 }
 
+/// `{"type":"error","code":"rate_limited","id":I,"detail":T,"retry_after_ms":N}`
+pub fn write_rate_limited(out: &mut Vec<u8>, id: Option<&RawValue>, retry_after_ms: u64) {
+    write_error(out, "rate_limited", id, "message rate limit exceeded");
+    out.pop();
+    let _ = write!(out, r#","retry_after_ms":{retry_after_ms}}}"#);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::Value;
+
+    fn parse<'a>(text: &'a str, user: &str) -> Result<ClientFrame<'a>, Refusal<'a>> {
+        super::parse(text, user, 32)
+    }
 
     fn bad_detail(text: &str) -> &'static str {
         match parse(text, "alice") {
@@ -332,6 +409,26 @@ mod tests {
     }
 
     #[test]
+    fn nesting_is_bounded_in_one_pass() {
+        assert!(!nesting_exceeds(r#"{"a":[[1]]}"#, 3));
+        assert!(nesting_exceeds(r#"{"a":[[[1]]]}"#, 3));
+        // Brackets inside strings do not count, escaped quotes included.
+        assert!(!nesting_exceeds(r#"{"a":"[[[[\"[[[["}"#, 1));
+        let deep = "[".repeat(100_000);
+        assert_eq!(bad_detail(&deep), "JSON nested too deeply");
+    }
+
+    #[test]
+    fn rate_limited_frame_carries_retry_after() {
+        let mut out = Vec::new();
+        write_rate_limited(&mut out, None, 250);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["code"], "rate_limited");
+        assert_eq!(v["retry_after_ms"], 250);
+        assert!(v["id"].is_null());
+    }
+
+    #[test]
     fn foreign_user_id_is_forbidden_before_anything_else() {
         for text in [
             r#"{"type":"send","id":1,"data":1,"user_id":"bob"}"#,
@@ -339,6 +436,8 @@ mod tests {
             r#"{"user_id":"Alice"}"#,
             r#"{"user_id":"alice ","type":"ping","id":1}"#,
             r#"{"user_id":7,"type":"ping","id":1}"#,
+            r#"{"type":"ping","id":1,"user_id":"bob","user_id":"alice"}"#,
+            r#"{"type":"ping","id":1,"user_id":"alice","user_id":"bob"}"#,
         ] {
             assert!(
                 matches!(parse(text, "alice"), Err(Refusal::Forbidden { .. })),

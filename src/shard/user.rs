@@ -9,11 +9,13 @@
 //! reported as a security event instead of leaking data.
 
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
 
 use super::outbox::{ConnectionHandle, OutboxLimits};
 use super::protocol;
+use super::rate::TokenBucket;
 use crate::ws::codec::OpCode;
 
 /// A connection of another user reached this manager.
@@ -34,6 +36,15 @@ pub struct Delivery {
     pub slow_consumers: usize,
 }
 
+/// The user is over its message rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    /// Milliseconds until the next message is accepted.
+    pub retry_after_ms: u64,
+    /// Whether this refusal should be answered: only the first in a window.
+    pub notify: bool,
+}
+
 /// One user's state on its shard.
 pub struct UserManager {
     /// The user id, a copy owned by the manager.
@@ -42,17 +53,62 @@ pub struct UserManager {
     /// Last sequence number assigned in this epoch (0 before the first).
     seq: u64,
     connections: Vec<Rc<ConnectionHandle>>,
+    /// The user's message budget; `None` when rates are not limited.
+    bucket: Option<TokenBucket>,
+    /// Until when a `rate_limited` answer has already been given.
+    notified_until: Option<Instant>,
+    /// Set while a delivery changes the manager. Still set after a panic, it
+    /// marks the manager as suspect: the shard then closes the user's
+    /// connections and drops the manager.
+    busy: bool,
 }
 
 impl UserManager {
-    /// A manager for `user` with a fresh random epoch.
+    /// A manager for `user` with a fresh random epoch and no rate limit.
     pub fn new(user: &str) -> Self {
         UserManager {
             user: Rc::from(user),
             epoch: new_epoch(),
             seq: 0,
             connections: Vec::new(),
+            bucket: None,
+            notified_until: None,
+            busy: false,
         }
+    }
+
+    /// A manager whose user may send `rate` messages per second, `burst` at
+    /// once (`rate` 0: unlimited).
+    pub fn with_rate(user: &str, rate: u32, burst: u32) -> Self {
+        let mut manager = Self::new(user);
+        if rate > 0 {
+            manager.bucket = Some(TokenBucket::new(rate, burst, Instant::now()));
+        }
+        manager
+    }
+
+    /// Charges one message to the user's budget.
+    pub fn charge(&mut self, now: Instant) -> Result<(), RateLimited> {
+        let Some(bucket) = self.bucket.as_mut() else {
+            return Ok(());
+        };
+        let retry_after_ms = match bucket.take(now) {
+            Ok(()) => return Ok(()),
+            Err(ms) => ms,
+        };
+        let notify = self.notified_until.is_none_or(|until| now >= until);
+        if notify {
+            self.notified_until = Some(now + Duration::from_millis(retry_after_ms));
+        }
+        Err(RateLimited {
+            retry_after_ms,
+            notify,
+        })
+    }
+
+    /// Whether a delivery was interrupted (by a panic) half-way.
+    pub fn is_suspect(&self) -> bool {
+        self.busy
     }
 
     pub fn user(&self) -> &Rc<str> {
@@ -93,9 +149,8 @@ impl UserManager {
         if conn.user.as_bytes() == self.user.as_bytes() {
             return Ok(());
         }
-        tracing::warn!(
-            target: "audit",
-            event = "isolation_violation",
+        crate::audit!(
+                event = "isolation_violation",
             operation,
             manager_user = %self.user,
             connection_user = %conn.user,
@@ -154,6 +209,7 @@ impl UserManager {
         limits: OutboxLimits,
         scratch: &mut Vec<u8>,
     ) -> Delivery {
+        self.busy = true;
         self.seq += 1;
         let mut delivery = Delivery {
             epoch: self.epoch,
@@ -165,6 +221,12 @@ impl UserManager {
         // Encode the message once; each recipient gets a copy of the bytes.
         scratch.clear();
         protocol::write_message(scratch, self.epoch, self.seq, source, data);
+
+        // Test builds only: a fault in the middle of a fan-out.
+        #[cfg(feature = "fault-injection")]
+        if data.get() == crate::shard::FAULT_IN_DELIVERY {
+            panic!("injected fault in the middle of a delivery");
+        }
 
         for conn in &self.connections {
             if Some(conn.id) == skip {
@@ -187,18 +249,18 @@ impl UserManager {
                 }
                 Err(_) => {
                     drop(outbox);
-                    tracing::warn!(
-                        target: "audit",
-                        event = "slow_consumer",
-                        user = %self.user,
-                        conn = conn.id,
-                        "outbound queue full; closing with 4008"
-                    );
+                    crate::audit!(
+                    event = "slow_consumer",
+                            user = %self.user,
+                            conn = conn.id,
+                            "outbound queue full; closing with 4008"
+                        );
                     conn.request_close(4008, "slow consumer: messages were dropped");
                     delivery.slow_consumers += 1;
                 }
             }
         }
+        self.busy = false;
         delivery
     }
 
@@ -334,6 +396,22 @@ mod tests {
         assert_eq!(second.slow_consumers, 1);
         assert_eq!(slow.outbox.borrow().close.map(|c| c.code), Some(4008));
         assert!(sender.outbox.borrow().close.is_none());
+    }
+
+    #[test]
+    fn rate_limit_answers_once_per_window() {
+        let mut manager = UserManager::with_rate("alice", 10, 2);
+        let now = Instant::now();
+        assert_eq!(manager.charge(now), Ok(()));
+        assert_eq!(manager.charge(now), Ok(()));
+        let first = manager.charge(now).unwrap_err();
+        assert!(first.notify);
+        assert_eq!(first.retry_after_ms, 100);
+        assert!(!manager.charge(now).unwrap_err().notify);
+        let later = now + Duration::from_millis(100);
+        assert_eq!(manager.charge(later), Ok(()));
+        assert!(manager.charge(later).unwrap_err().notify);
+        assert!(UserManager::new("bob").charge(now).is_ok());
     }
 
     #[test]
