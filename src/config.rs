@@ -5,7 +5,8 @@
 //! here changes while the server runs.
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
 use std::time::Duration;
 
 /// What the server runs with.
@@ -29,7 +30,62 @@ pub struct Config {
     /// a request without `Origin` (not a browser) is always allowed. This is
     /// the defence against cross-site WebSocket hijacking.
     pub allowed_origins: Option<Vec<String>>,
+    /// Proxies whose `X-Forwarded-For` header and PROXY protocol (v1) line
+    /// are believed for the client address used in per-peer caps and audit
+    /// events. Empty by default: the TCP peer is the client.
+    pub trusted_proxies: Vec<ProxyNet>,
     pub limits: Limits,
+}
+
+/// An address or CIDR block of trusted proxies, such as `10.0.0.0/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyNet {
+    base: IpAddr,
+    prefix: u8,
+}
+
+impl ProxyNet {
+    pub fn contains(&self, address: IpAddr) -> bool {
+        match (self.base, address) {
+            (IpAddr::V4(base), IpAddr::V4(address)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(base) & mask == u32::from(address) & mask
+            }
+            (IpAddr::V6(base), IpAddr::V6(address)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(base) & mask == u128::from(address) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for ProxyNet {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let base: IpAddr = address
+            .parse()
+            .map_err(|_| format!("invalid proxy address {text:?}"))?;
+        let max = if base.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(prefix) => prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| format!("invalid prefix length in {text:?}"))?,
+            None => max,
+        };
+        Ok(ProxyNet { base, prefix })
+    }
 }
 
 impl fmt::Debug for Config {
@@ -42,6 +98,7 @@ impl fmt::Debug for Config {
             .field("enable_echo", &self.enable_echo)
             .field("pin_shards", &self.pin_shards)
             .field("allowed_origins", &self.allowed_origins)
+            .field("trusted_proxies", &self.trusted_proxies)
             .field("limits", &self.limits)
             .finish()
     }
@@ -100,6 +157,13 @@ pub struct Limits {
     /// Handshakes in progress from one peer address (default 64); beyond it
     /// that peer's new connections get 503.
     pub max_handshakes_per_peer: usize,
+    /// Refused tokens per second one client address may present before its
+    /// upgrades are refused without verifying (default 20; 0 turns it off).
+    /// A token bucket: keeps a spray of costly forged signatures from
+    /// starving honest handshakes on the router.
+    pub refusals_per_peer_per_sec: u32,
+    /// Refused tokens one address may present in a burst (default 100).
+    pub refusal_burst_per_peer: u32,
     /// Deepest JSON nesting accepted in a client frame (default 32). Checked
     /// by a linear scan before parsing, so a deep document costs one pass.
     pub max_json_depth: usize,
@@ -156,6 +220,8 @@ impl Default for Limits {
             max_handshakes: 4096,
             max_handshakes_per_peer: 64,
             max_json_depth: 32,
+            refusals_per_peer_per_sec: 20,
+            refusal_burst_per_peer: 100,
             rate_per_sec: 100,
             rate_burst: 200,
             abuse_limit: 200,
@@ -204,6 +270,20 @@ mod tests {
     }
 
     #[test]
+    fn proxy_networks() {
+        let net: ProxyNet = "10.0.0.0/8".parse().unwrap();
+        assert!(net.contains("10.200.1.1".parse().unwrap()));
+        assert!(!net.contains("11.0.0.1".parse().unwrap()));
+        let one: ProxyNet = "::1".parse().unwrap();
+        assert!(one.contains("::1".parse().unwrap()));
+        assert!(!one.contains("127.0.0.1".parse().unwrap()));
+        let all: ProxyNet = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("8.8.8.8".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<ProxyNet>().is_err());
+        assert!("nonsense".parse::<ProxyNet>().is_err());
+    }
+
+    #[test]
     fn debug_hides_the_api_key() {
         let config = Config {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -213,6 +293,7 @@ mod tests {
             enable_echo: false,
             pin_shards: false,
             allowed_origins: None,
+            trusted_proxies: Vec::new(),
             limits: Limits::default(),
         };
         assert!(!format!("{config:?}").contains("very-secret-key"));

@@ -207,6 +207,71 @@ pub async fn read_head(
     }
 }
 
+/// Longest PROXY protocol v1 line, terminator included.
+const MAX_PROXY_LINE: usize = 107;
+
+/// Reads a PROXY protocol v1 line (`PROXY TCP4 <src> <dst> <sport> <dport>`)
+/// if the connection starts with one, removing it from `buf`. Returns the
+/// client address it names; `None` when there is no such line or it says
+/// `UNKNOWN`. Only called for connections from trusted proxies.
+pub async fn read_proxy_line(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+) -> Result<Option<std::net::SocketAddr>, HeadError> {
+    const SIGNATURE: &[u8] = b"PROXY ";
+    loop {
+        let prefix = buf.len().min(SIGNATURE.len());
+        if buf[..prefix] != SIGNATURE[..prefix] {
+            return Ok(None);
+        }
+        if let Some(end) = buf.windows(2).position(|w| w == b"\r\n") {
+            let address = parse_proxy_line(&buf[..end])?;
+            buf.drain(..end + 2);
+            return Ok(address);
+        }
+        if buf.len() >= MAX_PROXY_LINE {
+            return Err(HeadError::Malformed);
+        }
+
+        let old_len = buf.len();
+        buf.resize(MAX_PROXY_LINE, 0);
+        let n = stream.read(&mut buf[old_len..]).await;
+        let n = match n {
+            Ok(n) => n,
+            Err(err) => {
+                buf.truncate(old_len);
+                return Err(err.into());
+            }
+        };
+        buf.truncate(old_len + n);
+        if n == 0 {
+            return Err(HeadError::Closed);
+        }
+    }
+}
+
+/// Parses the fields of a PROXY v1 line (without its CRLF).
+pub fn parse_proxy_line(line: &[u8]) -> Result<Option<std::net::SocketAddr>, HeadError> {
+    let text = std::str::from_utf8(line).map_err(|_| HeadError::Malformed)?;
+    let fields: Vec<&str> = text.split(' ').collect();
+    match fields.as_slice() {
+        ["PROXY", "UNKNOWN", ..] => Ok(None),
+        [
+            "PROXY",
+            "TCP4" | "TCP6",
+            source,
+            _destination,
+            source_port,
+            _destination_port,
+        ] => {
+            let ip: std::net::IpAddr = source.parse().map_err(|_| HeadError::Malformed)?;
+            let port: u16 = source_port.parse().map_err(|_| HeadError::Malformed)?;
+            Ok(Some(std::net::SocketAddr::new(ip, port)))
+        }
+        _ => Err(HeadError::Malformed),
+    }
+}
+
 /// Reads until `buf` holds at least `total` bytes.
 pub async fn read_to_len(
     stream: &mut TcpStream,
@@ -346,6 +411,17 @@ mod tests {
         assert!(!head.keep_alive());
         let head = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", 4).unwrap();
         assert!(!head.keep_alive());
+    }
+
+    #[test]
+    fn proxy_v1_lines() {
+        let addr = parse_proxy_line(b"PROXY TCP4 1.2.3.4 10.0.0.1 5555 80").unwrap();
+        assert_eq!(addr, Some("1.2.3.4:5555".parse().unwrap()));
+        let addr = parse_proxy_line(b"PROXY TCP6 ::2 ::1 1 2").unwrap();
+        assert_eq!(addr, Some("[::2]:1".parse().unwrap()));
+        assert_eq!(parse_proxy_line(b"PROXY UNKNOWN").unwrap(), None);
+        assert!(parse_proxy_line(b"PROXY TCP4 nope 1.1.1.1 1 2").is_err());
+        assert!(parse_proxy_line(b"PROXY TCP4 1.1.1.1").is_err());
     }
 
     #[test]

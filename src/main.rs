@@ -106,6 +106,16 @@ struct ServeArgs {
     /// Origin are allowed. Default: any origin.
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     allowed_origins: Vec<String>,
+    /// Proxies (address or CIDR, repeatable) whose X-Forwarded-For header and
+    /// PROXY protocol v1 line give the client address for per-peer caps and
+    /// audit events. Default: none, the TCP peer is the client.
+    #[arg(long = "trusted-proxy", value_name = "ADDR[/PREFIX]")]
+    trusted_proxies: Vec<shardgate::config::ProxyNet>,
+    /// Refused tokens per second one client address may present before its
+    /// upgrades are refused (503) without verifying; bursts of five times
+    /// this are allowed; 0 turns it off.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    refusals_per_peer: u32,
     /// Silence, in milliseconds, after which the server pings a connection.
     #[arg(long, default_value_t = 25_000, value_name = "MS")]
     ping_interval_ms: u64,
@@ -299,6 +309,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         outbound_queue_bytes: args.outbound_queue_bytes,
         jwt_leeway_secs: args.jwt_leeway,
         rate_per_sec: args.rate_limit,
+        refusals_per_peer_per_sec: args.refusals_per_peer,
+        refusal_burst_per_peer: args.refusals_per_peer.saturating_mul(5),
         rate_burst: args.rate_burst.max(1),
         abuse_limit: args.abuse_limit.max(1),
         max_json_depth: args.max_json_depth.max(1),
@@ -318,6 +330,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         enable_echo: args.enable_echo,
         pin_shards: !args.no_pin,
         allowed_origins: (!args.allowed_origins.is_empty()).then(|| args.allowed_origins.clone()),
+        trusted_proxies: args.trusted_proxies.clone(),
         limits,
     };
     tracing::info!(algorithm = ?algorithm, "token verification");

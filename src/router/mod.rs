@@ -8,18 +8,18 @@
 //! it has room, after the hand-off.
 
 mod api;
+mod peers;
 mod upgrade;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ahash::AHashMap;
 use glommio::channels::local_channel::{self, LocalReceiver};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
@@ -30,6 +30,7 @@ use crate::http::{self, HeadError, RequestHead};
 use crate::mailbox::{self, MailboxReceiver, MailboxSender};
 use crate::metrics;
 use crate::shard::message::{Endpoint, ShardMessage, ShardStats};
+use peers::Peers;
 
 /// Which routes a listener serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,10 +67,8 @@ pub struct Router {
     draining: Arc<AtomicBool>,
     counters: RouterCounters,
     queue: TaskQueueHandle,
-    /// Handshakes (request heads being read) in progress, in all and per
-    /// peer address.
-    handshakes: Cell<usize>,
-    handshakes_by_peer: RefCell<AHashMap<IpAddr, usize>>,
+    /// Handshake slots, refusal budgets and trusted proxies, by address.
+    peers: Peers,
 }
 
 /// Orders from the process to the router.
@@ -79,25 +78,6 @@ pub enum RouterControl {
     StopAccepting,
     /// End the router.
     Exit,
-}
-
-/// A handshake slot, given back when dropped.
-struct HandshakeSlot<'a> {
-    router: &'a Router,
-    peer: IpAddr,
-}
-
-impl Drop for HandshakeSlot<'_> {
-    fn drop(&mut self) {
-        self.router.handshakes.set(self.router.handshakes.get() - 1);
-        let mut by_peer = self.router.handshakes_by_peer.borrow_mut();
-        if let Some(count) = by_peer.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
-                by_peer.remove(&self.peer);
-            }
-        }
-    }
 }
 
 /// What the answer to a request does to the connection afterwards.
@@ -129,6 +109,7 @@ pub fn spawn(
                 Latency::Matters(Duration::from_millis(1)),
                 "router",
             );
+            let trusted_proxies = config.trusted_proxies.clone();
             let router = Rc::new(Router {
                 config,
                 verifier,
@@ -136,8 +117,7 @@ pub fn spawn(
                 draining,
                 counters: RouterCounters::default(),
                 queue,
-                handshakes: Cell::new(0),
-                handshakes_by_peer: RefCell::new(AHashMap::new()),
+                peers: Peers::new(trusted_proxies),
             });
             let mut stops = Vec::new();
             for (listener, role) in listeners {
@@ -221,14 +201,29 @@ impl Router {
         let _ = stream.set_nodelay(true);
 
         let limits = &self.config.limits;
+        let trusted = self.peers.is_trusted(peer.ip());
+        // The client's address for caps and audit events: the peer, or what
+        // a trusted proxy says it forwards.
+        let mut client = peer;
         let mut buf = Vec::new();
         let mut deadline = accepted_at + limits.handshake_timeout;
         let mut first = true;
         loop {
-            let Some(slot) = self.handshake_slot(peer.ip()) else {
+            let Some(slot) = self.peers.slot(peer.ip(), limits) else {
                 self.refuse_busy(&mut stream, peer).await;
                 return;
             };
+            if first && trusted {
+                let proxy_line = http::read_proxy_line(&mut stream, &mut buf);
+                match http::before(deadline, proxy_line).await {
+                    Ok(Some(address)) => client = address,
+                    Ok(None) => {}
+                    Err(err) => {
+                        self.head_failed(&mut stream, err, peer, false).await;
+                        return;
+                    }
+                }
+            }
             let read = http::read_head(
                 &mut stream,
                 &mut buf,
@@ -245,6 +240,9 @@ impl Router {
             };
             first = false;
             drop(slot);
+            if trusted && client.ip() == peer.ip() {
+                client = SocketAddr::new(self.peers.client_address(peer.ip(), &head), 0);
+            }
 
             let after = self
                 .route(
@@ -253,7 +251,7 @@ impl Router {
                     head,
                     &mut buf,
                     head_len,
-                    peer,
+                    client,
                     accepted_at,
                     deadline,
                 )
@@ -266,28 +264,12 @@ impl Router {
         }
     }
 
-    /// Takes a handshake slot, unless the overall or per-peer cap is reached.
-    fn handshake_slot(&self, peer: IpAddr) -> Option<HandshakeSlot<'_>> {
-        let limits = &self.config.limits;
-        if self.handshakes.get() >= limits.max_handshakes {
-            return None;
-        }
-        let mut by_peer = self.handshakes_by_peer.borrow_mut();
-        let count = by_peer.entry(peer).or_default();
-        if *count >= limits.max_handshakes_per_peer {
-            return None;
-        }
-        *count += 1;
-        self.handshakes.set(self.handshakes.get() + 1);
-        Some(HandshakeSlot { router: self, peer })
-    }
-
     async fn refuse_busy(&self, stream: &mut TcpStream, peer: SocketAddr) {
         self.counters.refuse("handshake_cap");
         crate::audit!(
             event = "handshake_cap",
             peer = %peer,
-            in_progress = self.handshakes.get(),
+            in_progress = self.peers.in_progress(),
             "too many handshakes in progress; answered 503"
         );
         let mut out = Vec::new();

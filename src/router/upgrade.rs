@@ -97,9 +97,27 @@ impl Router {
                 };
             }
         };
+        // An address that keeps presenting bad tokens is refused before its
+        // signature is checked, so it cannot monopolise the router.
+        if !self.peers.may_verify(peer.ip(), &self.config.limits) {
+            self.counters.refuse("refusal_budget_spent");
+            crate::audit!(
+                event = "refusal_budget_spent",
+                peer = %peer,
+                "too many refused tokens from this address; answered 503 unverified"
+            );
+            return answer(
+                stream,
+                503,
+                &[("Retry-After", "1")],
+                "too many refused tokens",
+            )
+            .await;
+        }
         let claims = match self.verifier.verify(&presented.token) {
             Ok(claims) => claims,
             Err(err) => {
+                self.peers.refused(peer.ip(), &self.config.limits);
                 self.counters.refuse(err.reason());
                 crate::audit!(
                 event = "token_refused",
