@@ -173,8 +173,9 @@ pub struct Limits {
     pub rate_per_sec: u32,
     /// Bucket size: messages a user may send in a burst (default 200).
     pub rate_burst: u32,
-    /// Refused messages in a row, on one connection, after which it is
-    /// closed with 1008 (default 200): the client ignores `rate_limited`.
+    /// Refused messages on one connection, counted until the client keeps to
+    /// the limit for a whole second, after which it is closed with 1008
+    /// (default 200): the client ignores `rate_limited`.
     pub abuse_limit: u32,
     /// Silence after which the server pings a connection (default 25 s).
     pub ping_interval: Duration,
@@ -192,6 +193,11 @@ pub struct Limits {
     /// beyond it they are counted and the next logged event reports how many
     /// were suppressed.
     pub audit_per_sec: u32,
+    /// Longest stretch a shard runs connection tasks before it checks its
+    /// io_uring rings for other sockets' events (default 1 ms). glommio's own
+    /// default, 100 ms, lets one flooding client delay everyone else on the
+    /// shard by that much.
+    pub preempt_timer: Duration,
     /// Latency goal of each shard's hand-off queue (default 100 µs). Lower
     /// means a busy shard notices a new connection sooner at the cost of more
     /// frequent preemption checks.
@@ -217,6 +223,7 @@ impl Default for Limits {
             close_timeout: Duration::from_secs(5),
             jwt_leeway_secs: 30,
             handoff_latency: Duration::from_micros(100),
+            preempt_timer: Duration::from_millis(1),
             max_handshakes: 4096,
             max_handshakes_per_peer: 64,
             max_json_depth: 32,

@@ -272,6 +272,26 @@ pub fn parse_proxy_line(line: &[u8]) -> Result<Option<std::net::SocketAddr>, Hea
     }
 }
 
+/// Reads once, appending what arrives to `buf` (an idle keep-alive
+/// connection waiting for its next request).
+pub async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), HeadError> {
+    let old_len = buf.len();
+    buf.resize(old_len + 4096, 0);
+    let n = stream.read(&mut buf[old_len..]).await;
+    let n = match n {
+        Ok(n) => n,
+        Err(err) => {
+            buf.truncate(old_len);
+            return Err(err.into());
+        }
+    };
+    buf.truncate(old_len + n);
+    if n == 0 {
+        return Err(HeadError::Closed);
+    }
+    Ok(())
+}
+
 /// Reads until `buf` holds at least `total` bytes.
 pub async fn read_to_len(
     stream: &mut TcpStream,

@@ -252,6 +252,9 @@ impl Router {
             CommandReply::Disconnected { closed } | CommandReply::Revoked { closed } => {
                 serde_json::json!({ "closed": closed })
             }
+            CommandReply::Failed => {
+                return ApiAnswer::error(500, "internal", "the command failed on its shard");
+            }
             CommandReply::Unavailable => {
                 return ApiAnswer::error(503, "unavailable", "server shutting down")
                     .with_header("Retry-After", "5");

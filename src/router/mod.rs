@@ -67,8 +67,10 @@ pub struct Router {
     draining: Arc<AtomicBool>,
     counters: RouterCounters,
     queue: TaskQueueHandle,
-    /// Handshake slots, refusal budgets and trusted proxies, by address.
+    /// Handshake slots, refusal budgets and trusted proxies, by address, for
+    /// the public listener and for the private API listener.
     peers: Peers,
+    private_peers: Peers,
 }
 
 /// Orders from the process to the router.
@@ -118,6 +120,7 @@ pub fn spawn(
                 counters: RouterCounters::default(),
                 queue,
                 peers: Peers::new(trusted_proxies),
+                private_peers: Peers::new(Vec::new()),
             });
             let mut stops = Vec::new();
             for (listener, role) in listeners {
@@ -201,7 +204,13 @@ impl Router {
         let _ = stream.set_nodelay(true);
 
         let limits = &self.config.limits;
-        let trusted = self.peers.is_trusted(peer.ip());
+        // Each listener counts its own handshakes, so a flood on the public
+        // port cannot take health checks and the API down with it.
+        let peers = match role {
+            Role::Private => &self.private_peers,
+            Role::Public { .. } => &self.peers,
+        };
+        let trusted = peers.is_trusted(peer.ip());
         // The client's address for caps and audit events: the peer, or what
         // a trusted proxy says it forwards.
         let mut client = peer;
@@ -209,7 +218,19 @@ impl Router {
         let mut deadline = accepted_at + limits.handshake_timeout;
         let mut first = true;
         loop {
-            let Some(slot) = self.peers.slot(peer.ip(), limits) else {
+            if !first {
+                // Between keep-alive requests the connection may idle (no
+                // slot held); once the next request starts, its head must
+                // arrive within the handshake timeout like the first one.
+                if buf.is_empty() {
+                    let idle = Instant::now() + limits.http_idle_timeout;
+                    if http::before(idle, http::read_more(&mut stream, &mut buf)).await.is_err() {
+                        return;
+                    }
+                }
+                deadline = Instant::now() + limits.handshake_timeout;
+            }
+            let Some(slot) = peers.slot(peer.ip(), limits) else {
                 self.refuse_busy(&mut stream, peer).await;
                 return;
             };
@@ -219,7 +240,7 @@ impl Router {
                     Ok(Some(address)) => client = address,
                     Ok(None) => {}
                     Err(err) => {
-                        self.head_failed(&mut stream, err, peer, false).await;
+                        self.head_failed(&mut stream, err, peer).await;
                         return;
                     }
                 }
@@ -233,15 +254,14 @@ impl Router {
             let (head, head_len) = match http::before(deadline, read).await {
                 Ok(parsed) => parsed,
                 Err(err) => {
-                    self.head_failed(&mut stream, err, peer, !first && buf.is_empty())
-                        .await;
+                    self.head_failed(&mut stream, err, peer).await;
                     return;
                 }
             };
             first = false;
             drop(slot);
             if trusted && client.ip() == peer.ip() {
-                client = SocketAddr::new(self.peers.client_address(peer.ip(), &head), 0);
+                client = SocketAddr::new(peers.client_address(peer.ip(), &head), 0);
             }
 
             let after = self
@@ -260,7 +280,6 @@ impl Router {
                 After::KeepAlive => {}
                 After::Close | After::HandedOff => return,
             }
-            deadline = Instant::now() + limits.http_idle_timeout;
         }
     }
 
@@ -285,17 +304,9 @@ impl Router {
         let _ = http::write_all(stream, &out).await;
     }
 
-    async fn head_failed(
-        &self,
-        stream: &mut TcpStream,
-        err: HeadError,
-        peer: SocketAddr,
-        silent: bool,
-    ) {
+    async fn head_failed(&self, stream: &mut TcpStream, err: HeadError, peer: SocketAddr) {
         match err {
             HeadError::Closed | HeadError::Io(_) => return,
-            // An idle keep-alive connection timing out is not a refusal.
-            HeadError::TimedOut if silent => return,
             _ => {}
         }
         self.counters.refuse(err.reason());
@@ -438,15 +449,20 @@ impl Router {
         After::KeepAlive
     }
 
-    /// Gathers every shard's counters by message and renders them.
+    /// Gathers every shard's counters by message and renders them. All
+    /// shards are asked at once; one that does not answer in time (or has
+    /// stopped) is left out, and `shardgate_shards_answering` says so.
     async fn metrics(&self) -> String {
         let deadline = Instant::now() + self.config.limits.shard_reply_timeout;
-        let mut stats: Vec<ShardStats> = Vec::with_capacity(self.shards.len());
+        let mut waiting = Vec::with_capacity(self.shards.len());
         for shard in &self.shards {
             let (reply, answer) = mailbox::mailbox(1);
-            if shard.try_send(ShardMessage::Stats { reply }).is_err() {
-                continue;
+            if shard.try_send(ShardMessage::Stats { reply }).is_ok() {
+                waiting.push(answer);
             }
+        }
+        let mut stats: Vec<ShardStats> = Vec::with_capacity(waiting.len());
+        for answer in waiting {
             let wait = async { answer.recv().await.ok_or(HeadError::Closed) };
             if let Ok(shard_stats) = http::before(deadline, wait).await {
                 stats.push(shard_stats);

@@ -147,23 +147,32 @@ impl Shard {
             conn = handle.id,
             "panic while handling a connection; closing it with 1011"
         );
+        self.rebuild_suspect_managers();
+    }
+
+    /// Closes every connection (1011) of each user whose manager a panic left
+    /// half-way through a change, and drops those managers, so the next
+    /// connection of such a user starts a new epoch instead of inheriting a
+    /// sequence with a hole in it.
+    pub(super) fn rebuild_suspect_managers(&self) {
         let Ok(mut users) = self.users.try_borrow_mut() else {
             return;
         };
-        let suspect = users
-            .get(&*handle.user)
-            .is_some_and(|manager| manager.is_suspect());
-        if !suspect {
-            return;
-        }
-        if let Some(mut manager) = users.remove(&*handle.user) {
-            let closed = manager.close_all(1011, "internal error");
-            tracing::error!(
-                shard = self.index,
-                user = %handle.user,
-                closed,
-                "user manager interrupted mid-change; its connections were closed"
-            );
+        let suspects: Vec<_> = users
+            .iter()
+            .filter(|(_, manager)| manager.is_suspect())
+            .map(|(user, _)| user.clone())
+            .collect();
+        for user in suspects {
+            if let Some(mut manager) = users.remove(&user) {
+                let closed = manager.close_all(1011, "internal error");
+                tracing::error!(
+                    shard = self.index,
+                    user = %user,
+                    closed,
+                    "user manager interrupted mid-change; its connections were closed"
+                );
+            }
         }
     }
 }

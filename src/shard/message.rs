@@ -97,6 +97,9 @@ pub enum CommandReply {
     },
     /// The shard is shutting down and takes no new work.
     Unavailable,
+    /// Handling the command failed (a panic, caught); nothing is known to
+    /// have been delivered.
+    Failed,
 }
 
 /// Counters of one shard, gathered for `/metrics`.

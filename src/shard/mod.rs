@@ -40,7 +40,7 @@ use crate::config::Config;
 use crate::mailbox::MailboxReceiver;
 use crate::ws::codec::{MessageLimits, OpCode};
 use connection::Connection;
-use message::{Endpoint, Handoff, ShardMessage};
+use message::{CommandReply, Endpoint, Handoff, ShardMessage};
 use outbox::{ConnectionHandle, OutboxLimits};
 use user::UserManager;
 
@@ -52,7 +52,7 @@ pub const FAULT_IN_DELIVERY: &str = "\"__shardgate_fault_in_delivery__\"";
 pub const FAULT_IN_CONNECTION: &str = "\"__shardgate_fault_in_connection__\"";
 
 /// Size of the shard's read buffer, shared by all its connections.
-const READ_BUFFER: usize = 64 * 1024;
+pub(crate) const READ_BUFFER: usize = 64 * 1024;
 
 /// Upper bounds (µs) of the hand-off latency histogram buckets.
 pub const LATENCY_BUCKETS_US: [u64; 12] = [
@@ -150,6 +150,10 @@ pub fn spawn(
         .name(&format!("shard-{index}"))
         // Registered I/O memory serves file I/O only; sockets do not use it.
         .io_memory(0)
+        // How long connection tasks may run before the executor looks at
+        // its rings again. glommio's default (100 ms) lets a busy socket
+        // delay every other socket's wake-ups by that much.
+        .preempt_timer(config.limits.preempt_timer)
         .spawn(move || run(index, config, verifier, inbox))
 }
 
@@ -202,49 +206,70 @@ async fn run(
         task.detach();
     }
 
+    // The mailbox task ends when shutdown completes; dropping the inbox
+    // then makes later messages fail at the sender instead of waiting for
+    // an answer that would never come.
     let receiver = shard.clone();
     let mailbox = glommio::spawn_local_into(
         async move {
-            while let Some(message) = inbox.recv().await {
-                receiver.handle(message);
+            loop {
+                let next = futures_lite::future::or(async { Some(inbox.recv().await) }, async {
+                    let _ = wait_finished.recv().await;
+                    None
+                });
+                match next.await {
+                    Some(Some(message)) => receiver.handle(message),
+                    Some(None) | None => break,
+                }
             }
         },
         mailbox_queue,
     );
     match mailbox {
-        Ok(task) => {
-            task.detach();
-        }
+        Ok(task) => task.await,
         Err(err) => {
             tracing::error!(shard = index, cause = %err, "cannot start mailbox task");
             return;
         }
-    }
-
-    // Runs until shutdown completes (or every sender is gone).
-    let _ = wait_finished.recv().await;
+    };
     tracing::info!(shard = index, "shard stopped");
 }
 
 impl Shard {
-    /// One mailbox message. A panic here is caught: the message is lost,
-    /// the shard goes on.
+    /// One mailbox message. A panic while handling it is caught: the
+    /// router still gets an answer, and a user manager left half-changed is
+    /// rebuilt; the shard goes on.
     fn handle(self: &Rc<Self>, message: ShardMessage) {
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| match message {
-            ShardMessage::Upgrade(handoff) => self.adopt(*handoff),
+        match message {
+            ShardMessage::Upgrade(handoff) => {
+                self.guarded("hand-off", || self.adopt(*handoff));
+            }
             ShardMessage::Command { command, reply } => {
-                let answer = self.command(command);
+                let answer = self
+                    .guarded("command", || self.command(command))
+                    .unwrap_or(CommandReply::Failed);
                 // The router may have given up waiting; nothing to do then.
                 let _ = reply.try_send(answer);
             }
             ShardMessage::Stats { reply } => {
-                let _ = reply.try_send(self.stats());
+                if let Some(stats) = self.guarded("stats", || self.stats()) {
+                    let _ = reply.try_send(stats);
+                }
             }
             ShardMessage::Shutdown => self.begin_shutdown(),
-        }));
-        if outcome.is_err() {
-            bump(&self.counters.panics, 1);
-            tracing::error!(shard = self.index, "panic while handling a mailbox message");
+        }
+    }
+
+    /// Runs `work`, turning a panic into `None` after recovery.
+    fn guarded<T>(&self, what: &'static str, work: impl FnOnce() -> T) -> Option<T> {
+        match std::panic::catch_unwind(AssertUnwindSafe(work)) {
+            Ok(value) => Some(value),
+            Err(_) => {
+                bump(&self.counters.panics, 1);
+                tracing::error!(shard = self.index, what, "panic while handling a mailbox message");
+                self.rebuild_suspect_managers();
+                None
+            }
         }
     }
 

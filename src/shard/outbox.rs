@@ -33,8 +33,11 @@ pub struct ConnectionHandle {
     pub last_seen_ms: Cell<u64>,
     /// Shard clock (ms) when the server's unanswered ping was queued.
     pub ping_sent_ms: Cell<Option<u64>>,
-    /// Messages refused by the rate limit in a row.
+    /// Messages refused by the rate limit since the client last kept to it
+    /// for a whole second.
     pub limited_streak: Cell<u32>,
+    /// Shard clock (ms) of the last refusal by the rate limit.
+    pub limited_at_ms: Cell<u64>,
     /// The message budget of an echo connection (protocol connections use
     /// their user's manager).
     pub bucket: RefCell<Option<super::rate::TokenBucket>>,
@@ -64,6 +67,7 @@ impl ConnectionHandle {
             last_seen_ms: Cell::new(now_ms),
             ping_sent_ms: Cell::new(None),
             limited_streak: Cell::new(0),
+            limited_at_ms: Cell::new(0),
             bucket: RefCell::new(None),
             outbox: RefCell::new(Outbox::default()),
         })

@@ -89,8 +89,9 @@ impl Shard {
 
     /// Charges one message to the rate limit. `Continue(true)`: handle it;
     /// `Continue(false)`: dropped (the first drop in a window is answered
-    /// with `rate_limited`); `Break`: the client ignores the limit, close
-    /// with 1008.
+    /// with `rate_limited`); `Break`: the client ignores the limit (more
+    /// than `abuse_limit` refusals without a second of calm), close with
+    /// 1008.
     fn charge(&self, handle: &ConnectionHandle, text: Option<&str>) -> ControlFlow<Ending, bool> {
         if self.config.limits.rate_per_sec == 0 {
             return ControlFlow::Continue(true);
@@ -110,9 +111,15 @@ impl Shard {
                 None => Ok(()),
             }
         };
+        // A client that keeps to the limit for a second is forgiven; one
+        // that keeps pushing is counted even though each refill lets a
+        // message through.
+        let now_ms = self.now_ms();
         let (retry_after_ms, notify) = match charged {
             Ok(()) => {
-                handle.limited_streak.set(0);
+                if now_ms.saturating_sub(handle.limited_at_ms.get()) >= 1000 {
+                    handle.limited_streak.set(0);
+                }
                 return ControlFlow::Continue(true);
             }
             Err(limited) => limited,
@@ -121,6 +128,7 @@ impl Shard {
         bump(&self.counters.rate_limited, 1);
         let streak = handle.limited_streak.get() + 1;
         handle.limited_streak.set(streak);
+        handle.limited_at_ms.set(now_ms);
         if streak > self.config.limits.abuse_limit {
             bump(&self.counters.abuse_closes, 1);
             crate::audit!(

@@ -1164,3 +1164,207 @@ impl RawWs {
 pub fn frame_close(code: u16) -> Vec<u8> {
     frame(true, OP_CLOSE, &code.to_be_bytes())
 }
+
+// ---------------------------------------------------------------------------
+// Sockets shaped before connect, and non-panicking raw reads (limits tests)
+// ---------------------------------------------------------------------------
+
+/// A TCP connection to `addr`, bound first to the local address `from` when
+/// given (e.g. 127.0.0.2, to be another peer on loopback) and with
+/// `SO_RCVBUF` set to `rcvbuf` bytes before connecting when given (set
+/// before connect so that the advertised window stays small; the kernel
+/// doubles the value and applies its minimum). Read and write timeouts are
+/// [`IO_TIMEOUT`], Nagle is off.
+pub fn tcp_connect_from(
+    addr: SocketAddr,
+    from: Option<std::net::Ipv4Addr>,
+    rcvbuf: Option<usize>,
+) -> TcpStream {
+    use std::os::fd::FromRawFd;
+
+    let SocketAddr::V4(target) = addr else {
+        panic!("tcp_connect_from supports IPv4 only, got {addr}");
+    };
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: socket(2) creates a descriptor that nothing else owns; it is
+    // either closed below on error or moved into the TcpStream.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+    let fail = |what: &str| -> ! {
+        let err = io::Error::last_os_error();
+        // SAFETY: `fd` is ours and not yet owned by anything else.
+        unsafe { libc::close(fd) };
+        panic!("{what}: {err}");
+    };
+    if let Some(bytes) = rcvbuf {
+        let value = libc::c_int::try_from(bytes).expect("SO_RCVBUF fits in an int");
+        // SAFETY: setsockopt reads one c_int from a valid pointer.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            fail("setsockopt(SO_RCVBUF)");
+        }
+    }
+    if let Some(ip) = from {
+        let local = sockaddr(ip, 0);
+        // SAFETY: bind reads a sockaddr_in of `len` bytes.
+        let rc = unsafe { libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len) };
+        if rc != 0 {
+            fail(&format!("bind({ip})"));
+        }
+    }
+    let remote = sockaddr(*target.ip(), target.port());
+    // SAFETY: connect reads a sockaddr_in of `len` bytes; a blocking connect
+    // on loopback completes or fails at once.
+    let rc = unsafe { libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) };
+    if rc != 0 {
+        fail(&format!("connect({addr})"));
+    }
+    // SAFETY: `fd` is a connected socket owned by nothing else.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    stream.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
+    stream.set_nodelay(true).expect("nodelay");
+    stream
+}
+
+/// What a bounded raw read saw.
+#[derive(Debug)]
+pub enum RawEvent {
+    /// A complete frame.
+    Frame(RawFrame),
+    /// The server ended the connection (EOF or reset) before a complete
+    /// frame.
+    Closed,
+    /// Nothing complete within the wait.
+    TimedOut,
+}
+
+/// A complete server frame at the front of `buf`, with its length.
+fn parse_raw_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (len, at) = match buf[1] & 0x7f {
+        126 => (
+            u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let masked = buf[1] & 0x80 != 0;
+    assert!(!masked, "server frames must not be masked");
+    let payload = buf.get(at..at + len)?.to_vec();
+    let frame = RawFrame {
+        fin: buf[0] & 0x80 != 0,
+        opcode: buf[0] & 0x0f,
+        payload,
+    };
+    Some((frame, at + len))
+}
+
+impl HttpConn {
+    /// Wraps a stream connected elsewhere (e.g. by [`tcp_connect_from`]).
+    pub fn from_stream(stream: TcpStream) -> HttpConn {
+        HttpConn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Writes raw bytes; the error instead of a panic (the server may have
+    /// closed the connection already).
+    pub fn try_write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+}
+
+impl RawWs {
+    /// Upgrades `path` on an already connected `stream` with `token` in the
+    /// header; asserts the 101. The welcome (on `/ws`) is left unread.
+    pub fn upgrade_on(stream: TcpStream, path: &str, token: &str) -> RawWs {
+        let mut conn = HttpConn::from_stream(stream);
+        conn.write(&upgrade_request(
+            path,
+            &[("Authorization", &format!("Bearer {token}"))],
+        ));
+        let response = conn.read_response();
+        assert_eq!(response.status, 101, "upgrade refused: {}", response.text());
+        RawWs { conn }
+    }
+
+    /// The socket, for socket-level control (timeouts, shutdown).
+    pub fn stream(&self) -> &TcpStream {
+        &self.conn.stream
+    }
+
+    /// Writes raw bytes; the error instead of a panic.
+    pub fn try_send_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.conn.stream.write_all(bytes)
+    }
+
+    /// The next frame, the end of the connection, or a timeout after `wait`,
+    /// without panicking on any of them.
+    pub fn next_event(&mut self, wait: Duration) -> RawEvent {
+        let deadline = Instant::now() + wait;
+        let mut chunk = [0u8; 16384];
+        let event = loop {
+            if let Some((frame, used)) = parse_raw_frame(&self.conn.buf) {
+                self.conn.buf.drain(..used);
+                break RawEvent::Frame(frame);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break RawEvent::TimedOut;
+            }
+            self.conn
+                .stream
+                .set_read_timeout(Some(left))
+                .expect("set timeout");
+            match self.conn.stream.read(&mut chunk) {
+                Ok(0) => break RawEvent::Closed,
+                Ok(n) => self.conn.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break RawEvent::Closed,
+            }
+        };
+        self.conn
+            .stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .expect("set timeout");
+        event
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Isolation suite support (tests/suite_*.rs): the reference model, its
+// checker and randomized driver, and outside introspection of a server.
+// ---------------------------------------------------------------------------
+

@@ -39,20 +39,35 @@
 //! [`check_crypto_provider`] proves at start-up that the provider is present
 //! and works, so that a misconfigured build fails there with a clear error
 //! rather than panicking on the first upgrade request.
+//!
+//! # Layout
+//!
+//! This file holds the configuration types, the errors and the [`Verifier`]
+//! with its claim checks; `keys` parses key material, checks the crypto
+//! provider and mints tokens; `carrier` finds the token in a request. Every
+//! public item is re-exported here, so callers name it `auth::X`.
+
+mod carrier;
+mod keys;
 
 use std::fmt;
-use std::panic;
-use std::sync::{Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::crypto::CryptoProvider;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{DecodingKey, Validation};
+use serde::Deserialize;
 use serde::de::IgnoredAny;
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use jsonwebtoken::Algorithm;
+
+pub use carrier::{
+    BEARER_PROTOCOL_PREFIX, Carrier, CarrierError, Presented, SUBPROTOCOL, TOKEN_QUERY_PARAM,
+    extract_token, selected_subprotocol,
+};
+pub use keys::{check_crypto_provider, mint};
+
+use keys::{decoding_key, provider};
 
 /// Tokens longer than this are refused as [`AuthError::Malformed`] before any
 /// decoding: a cheap guard against oversized input.
@@ -70,15 +85,6 @@ pub const MAX_LEEWAY_SECS: u64 = 300;
 
 /// The smallest accepted RSA modulus, in bits (RFC 7518 §3.3).
 pub const MIN_RSA_BITS: usize = 2048;
-
-/// The application subprotocol that the server selects in its 101 response.
-pub const SUBPROTOCOL: &str = "shardgate.v1";
-
-/// The prefix of a `Sec-WebSocket-Protocol` entry that carries a token.
-pub const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
-
-/// The query parameter that carries a token (for browsers).
-pub const TOKEN_QUERY_PARAM: &str = "token";
 
 /// The key that verifies (and, for HMAC, signs) tokens.
 #[derive(Clone)]
@@ -351,53 +357,6 @@ pub enum KeyError {
     Signing(String),
 }
 
-/// The key kind an algorithm needs.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum KeyKind {
-    Hmac { min_secret: usize },
-    Rsa,
-    Ec,
-    Ed,
-}
-
-/// The algorithms of the contract and the key each needs. Others (RS384,
-/// PS256, ES384, ...) are refused: `Algorithm` is non-exhaustive, and every
-/// accepted algorithm has tests.
-fn key_kind(algorithm: Algorithm) -> Result<KeyKind, KeyError> {
-    // RFC 7518 §3.2 (and RFC 8725 §3.5): an HMAC key at least as long as
-    // the hash output.
-    match algorithm {
-        Algorithm::HS256 => Ok(KeyKind::Hmac { min_secret: 32 }),
-        Algorithm::HS384 => Ok(KeyKind::Hmac { min_secret: 48 }),
-        Algorithm::HS512 => Ok(KeyKind::Hmac { min_secret: 64 }),
-        Algorithm::RS256 => Ok(KeyKind::Rsa),
-        Algorithm::ES256 => Ok(KeyKind::Ec),
-        Algorithm::EdDSA => Ok(KeyKind::Ed),
-        other => Err(KeyError::UnsupportedAlgorithm(other)),
-    }
-}
-
-/// Checks an HMAC secret's length for `algorithm`.
-fn check_secret(algorithm: Algorithm, secret: &[u8], min: usize) -> Result<(), KeyError> {
-    if secret.is_empty() {
-        return Err(KeyError::EmptySecret);
-    }
-    if secret.len() < min {
-        return Err(KeyError::SecretTooShort {
-            algorithm,
-            min,
-            actual: secret.len(),
-        });
-    }
-    Ok(())
-}
-
-/// The process-wide jsonwebtoken provider, or an error instead of the panic
-/// that jsonwebtoken would raise on first use.
-fn provider() -> Result<&'static CryptoProvider, KeyError> {
-    CryptoProvider::try_get_default().ok_or(KeyError::NoCryptoProvider)
-}
-
 /// Verifies tokens against one configuration.
 ///
 /// Thread-safe (`Send + Sync`) and read-only after construction: build it
@@ -661,228 +620,6 @@ fn subject_is_acceptable(sub: &str) -> bool {
     !sub.is_empty() && sub.len() <= MAX_SUB_LEN && !sub.chars().any(char::is_control)
 }
 
-/// Builds the decoding key for `algorithm` and proves the backend can use it.
-fn decoding_key(
-    provider: &'static CryptoProvider,
-    algorithm: Algorithm,
-    key: &KeyMaterial,
-) -> Result<DecodingKey, KeyError> {
-    let kind = key_kind(algorithm)?;
-    let invalid = |detail: String| KeyError::InvalidPublicKey { algorithm, detail };
-
-    // RFC 8725 §3.1: the key decides the algorithm family, never the token;
-    // a secret is never used as a public key, nor a PEM as a secret.
-    let decoding = match (kind, key) {
-        (KeyKind::Hmac { min_secret }, KeyMaterial::Secret(secret)) => {
-            check_secret(algorithm, secret, min_secret)?;
-            DecodingKey::from_secret(secret).map_err(|_| KeyError::EmptySecret)?
-        }
-        (KeyKind::Hmac { .. }, KeyMaterial::PublicKeyPem(_)) => {
-            return Err(KeyError::WrongKeyKind {
-                algorithm,
-                expected: "a shared secret",
-            });
-        }
-        (_, KeyMaterial::Secret(_)) => {
-            return Err(KeyError::WrongKeyKind {
-                algorithm,
-                expected: "a PEM public key",
-            });
-        }
-        (KeyKind::Rsa, KeyMaterial::PublicKeyPem(pem)) => {
-            check_pem_label(algorithm, pem, true)?;
-            let decoding =
-                DecodingKey::from_rsa_pem(pem).map_err(|err| invalid(err.to_string()))?;
-            check_rsa_size(provider, algorithm, &decoding)?;
-            decoding
-        }
-        (KeyKind::Ec, KeyMaterial::PublicKeyPem(pem)) => {
-            check_pem_label(algorithm, pem, false)?;
-            DecodingKey::from_ec_pem(pem).map_err(|err| invalid(err.to_string()))?
-        }
-        (KeyKind::Ed, KeyMaterial::PublicKeyPem(pem)) => {
-            check_pem_label(algorithm, pem, false)?;
-            let decoding = DecodingKey::from_ed_pem(pem).map_err(|err| invalid(err.to_string()))?;
-            // The backend slices the first 32 bytes: guard its panic here.
-            match decoding.try_get_as_bytes() {
-                Ok(bytes) if bytes.len() == 32 => {}
-                _ => return Err(invalid("not a 32-byte Ed25519 public key".to_owned())),
-            }
-            decoding
-        }
-    };
-
-    // Build a verifier once: the EC and Ed backends parse the key here, so a
-    // point not on the curve (or a P-384 key for ES256) fails at start-up.
-    (provider.verifier_factory)(&algorithm, &decoding).map_err(|err| invalid(err.to_string()))?;
-    Ok(decoding)
-}
-
-/// Refuses PEM input that holds a private key anywhere, and accepts only the
-/// public-key labels (`PUBLIC KEY`; also `RSA PUBLIC KEY` for RSA).
-fn check_pem_label(algorithm: Algorithm, pem: &[u8], rsa: bool) -> Result<(), KeyError> {
-    if contains(pem, b"PRIVATE KEY-----") {
-        return Err(KeyError::PrivateKey);
-    }
-
-    const BEGIN: &[u8] = b"-----BEGIN ";
-    let label = find(pem, BEGIN)
-        .map(|at| &pem[at + BEGIN.len()..])
-        .and_then(|rest| find(rest, b"-----").map(|end| &rest[..end]));
-    match label {
-        Some(b"PUBLIC KEY") => Ok(()),
-        Some(b"RSA PUBLIC KEY") if rsa => Ok(()),
-        Some(other) => Err(KeyError::InvalidPublicKey {
-            algorithm,
-            detail: format!(
-                "expected a PEM block labelled PUBLIC KEY, found {:?}",
-                String::from_utf8_lossy(&other[..other.len().min(40)])
-            ),
-        }),
-        None => Err(KeyError::InvalidPublicKey {
-            algorithm,
-            detail: "no PEM block found".to_owned(),
-        }),
-    }
-}
-
-/// RFC 7518 §3.3: RSA keys of 2048 bits or more.
-fn check_rsa_size(
-    provider: &CryptoProvider,
-    algorithm: Algorithm,
-    key: &DecodingKey,
-) -> Result<(), KeyError> {
-    let invalid = |detail: String| KeyError::InvalidPublicKey { algorithm, detail };
-    let der = key
-        .try_get_as_bytes()
-        .map_err(|err| invalid(err.to_string()))?;
-    let (modulus, _exponent) = (provider.key_utils.rsa_pub_components_from_public_key)(der)
-        .map_err(|err| invalid(err.to_string()))?;
-
-    let significant = modulus
-        .iter()
-        .skip_while(|byte| **byte == 0)
-        .collect::<Vec<_>>();
-    let bits = match significant.first() {
-        Some(first) => significant.len() * 8 - first.leading_zeros() as usize,
-        None => 0,
-    };
-    if bits < MIN_RSA_BITS {
-        return Err(KeyError::RsaKeyTooSmall { bits });
-    }
-    Ok(())
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack
-        .windows(needle.len())
-        .position(|window| window == needle)
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    find(haystack, needle).is_some()
-}
-
-/// Serialises the panic-hook swap of [`check_crypto_provider`].
-static PANIC_HOOK_LOCK: Mutex<()> = Mutex::new(());
-
-/// Checks that exactly one jsonwebtoken crypto provider is active and works:
-/// it signs a throwaway HS256 token, verifies it, and checks that a tampered
-/// copy is refused. Call it once at start-up.
-///
-/// The self-test runs under `catch_unwind` with the panic hook silenced, so a
-/// panic of the backend becomes [`KeyError::ProviderBroken`]. The hook is
-/// process-wide: a panic on another thread during the few microseconds of the
-/// test prints nothing. This relies on `panic = "unwind"`.
-pub fn check_crypto_provider() -> Result<(), KeyError> {
-    provider()?;
-
-    let guard = PANIC_HOOK_LOCK
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    let previous = panic::take_hook();
-    panic::set_hook(Box::new(|_| {}));
-    let outcome = panic::catch_unwind(provider_self_test);
-    panic::set_hook(previous);
-    drop(guard);
-
-    match outcome {
-        Ok(result) => result,
-        Err(_) => Err(KeyError::ProviderBroken("the self-test panicked")),
-    }
-}
-
-fn provider_self_test() -> Result<(), KeyError> {
-    const SECRET: &[u8] = b"shardgate provider self-test key";
-    const SUB: &str = "self-test";
-
-    let token = mint(SECRET, Algorithm::HS256, SUB, 60)?;
-    let verifier = Verifier::new(&AuthConfig::hmac(Algorithm::HS256, SECRET))?;
-    match verifier.verify(&token) {
-        Ok(claims) if &*claims.sub == SUB => {}
-        _ => {
-            return Err(KeyError::ProviderBroken(
-                "a freshly signed token did not verify",
-            ));
-        }
-    }
-
-    // A provider that accepts anything is worse than none: change the first
-    // signature character and expect a bad signature.
-    let Some(dot) = token.rfind('.') else {
-        return Err(KeyError::ProviderBroken(
-            "the signed token has no signature",
-        ));
-    };
-    let mut tampered = token.clone();
-    let replacement = if token[dot + 1..].starts_with('A') {
-        "B"
-    } else {
-        "A"
-    };
-    tampered.replace_range(dot + 1..dot + 2, replacement);
-    match verifier.verify(&tampered) {
-        Err(AuthError::BadSignature) => Ok(()),
-        _ => Err(KeyError::ProviderBroken("a tampered token was not refused")),
-    }
-}
-
-#[derive(Serialize)]
-struct MintedClaims<'a> {
-    sub: &'a str,
-    iat: u64,
-    exp: u64,
-}
-
-/// Mints an HS* token (for `shardgate token` and demo mode) for `sub`, valid
-/// for `ttl_secs` from now, with `iat` set. Fails for non-HMAC algorithms.
-pub fn mint(
-    secret: &[u8],
-    algorithm: Algorithm,
-    sub: &str,
-    ttl_secs: u64,
-) -> Result<String, KeyError> {
-    provider()?;
-
-    let KeyKind::Hmac { min_secret } = key_kind(algorithm)? else {
-        return Err(KeyError::NotHmac(algorithm));
-    };
-    check_secret(algorithm, secret, min_secret)?;
-    if !subject_is_acceptable(sub) {
-        return Err(KeyError::InvalidSubject);
-    }
-
-    let now = now_secs();
-    let claims = MintedClaims {
-        sub,
-        iat: now,
-        exp: now.saturating_add(ttl_secs),
-    };
-    let key = EncodingKey::from_secret(secret).map_err(|_| KeyError::EmptySecret)?;
-    jsonwebtoken::encode(&Header::new(algorithm), &claims, &key)
-        .map_err(|err| KeyError::Signing(err.to_string()))
-}
-
 /// Seconds since the Unix epoch (0 if the clock is before it).
 pub fn now_secs() -> u64 {
     SystemTime::now()
@@ -890,279 +627,5 @@ pub fn now_secs() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-/// Where the token of an upgrade request was found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Carrier {
-    /// `Authorization: Bearer <jwt>` (RFC 6750 §2.1).
-    AuthorizationHeader,
-    /// The `token` query parameter (as RFC 6750 §2.3 `access_token`).
-    QueryParameter,
-    /// A `bearer.<jwt>` entry of `Sec-WebSocket-Protocol`.
-    Subprotocol,
-}
-
-impl Carrier {
-    /// A short, stable name for audit logs and metrics.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Carrier::AuthorizationHeader => "authorization_header",
-            Carrier::QueryParameter => "query_parameter",
-            Carrier::Subprotocol => "subprotocol",
-        }
-    }
-}
-
-/// A token found in a request, not yet verified.
-#[derive(PartialEq, Eq)]
-pub struct Presented {
-    /// The token as presented.
-    pub token: String,
-    /// Where it was found.
-    pub carrier: Carrier,
-}
-
-impl fmt::Debug for Presented {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // A bearer token is a credential: Debug shows its size, never its text.
-        f.debug_struct("Presented")
-            .field("token", &format_args!("<{} bytes>", self.token.len()))
-            .field("carrier", &self.carrier)
-            .finish()
-    }
-}
-
-/// Why no single token could be taken from a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
-pub enum CarrierError {
-    /// No carrier holds a token: 401 with `WWW-Authenticate: Bearer` and no
-    /// error attribute (RFC 6750 §3.1).
-    #[error("the request presents no bearer token")]
-    NoToken,
-    /// More than one token is present: 400.
-    #[error("the request presents more than one token")]
-    Ambiguous,
-    /// A `bearer.<jwt>` subprotocol was offered without `shardgate.v1`: 400.
-    #[error("a bearer subprotocol was offered without shardgate.v1")]
-    BearerWithoutProtocol,
-    /// Bad percent-encoding, or a header that is not UTF-8: 400.
-    #[error("a token carrier is badly encoded")]
-    BadEncoding,
-    /// A carrier is present but its syntax is wrong, e.g. `Bearer` with no
-    /// token or a token with characters outside b64token (RFC 6750 §2.1): 400.
-    #[error("a token carrier is malformed")]
-    MalformedCarrier,
-}
-
-impl CarrierError {
-    /// Every variant, e.g. to pre-register metric labels.
-    pub const ALL: &'static [CarrierError] = &[
-        CarrierError::NoToken,
-        CarrierError::Ambiguous,
-        CarrierError::BearerWithoutProtocol,
-        CarrierError::BadEncoding,
-        CarrierError::MalformedCarrier,
-    ];
-
-    /// A short, stable reason for audit logs and metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            CarrierError::NoToken => "no_token",
-            CarrierError::Ambiguous => "ambiguous_carriers",
-            CarrierError::BearerWithoutProtocol => "bearer_without_protocol",
-            CarrierError::BadEncoding => "bad_encoding",
-            CarrierError::MalformedCarrier => "malformed_carrier",
-        }
-    }
-
-    /// The HTTP status: 401 for [`CarrierError::NoToken`], else 400
-    /// (RFC 6750 §3.1 `invalid_request`).
-    pub fn status(&self) -> u16 {
-        match self {
-            CarrierError::NoToken => 401,
-            _ => 400,
-        }
-    }
-
-    /// The `WWW-Authenticate` value to send (RFC 6750 §3): bare `Bearer` when
-    /// no token was presented (§3.1: no error attribute), else
-    /// `invalid_request`.
-    pub fn www_authenticate(&self) -> &'static str {
-        match self {
-            CarrierError::NoToken => "Bearer",
-            _ => "Bearer error=\"invalid_request\"",
-        }
-    }
-}
-
-/// Finds the token among the request's carriers.
-///
-/// `authorization`: the values of every `Authorization` header; `protocols`:
-/// the values of every `Sec-WebSocket-Protocol` header (raw bytes); `query`:
-/// the raw query string after `?`, if any.
-///
-/// Each carrier is read first (its own errors come first, in the order
-/// header, query, subprotocol); then exactly one token must have been found.
-pub fn extract_token(
-    authorization: &[&[u8]],
-    protocols: &[&[u8]],
-    query: Option<&str>,
-) -> Result<Presented, CarrierError> {
-    let header = token_from_authorization(authorization)?;
-    let query = token_from_query(query)?;
-    let protocol = token_from_protocols(protocols)?;
-
-    // RFC 6750 §2: clients MUST NOT use more than one method per request.
-    let mut found = [
-        header.map(|token| (token, Carrier::AuthorizationHeader)),
-        query.map(|token| (token, Carrier::QueryParameter)),
-        protocol.map(|token| (token, Carrier::Subprotocol)),
-    ]
-    .into_iter()
-    .flatten();
-    match (found.next(), found.next()) {
-        (None, _) => Err(CarrierError::NoToken),
-        (Some((token, carrier)), None) => Ok(Presented { token, carrier }),
-        (Some(_), Some(_)) => Err(CarrierError::Ambiguous),
-    }
-}
-
-/// The subprotocol the server must select in its 101: `shardgate.v1` when the
-/// client offered it (with or without a bearer entry), else none.
-pub fn selected_subprotocol(protocols: &[&[u8]]) -> Option<&'static str> {
-    protocols
-        .iter()
-        .filter_map(|value| std::str::from_utf8(value).ok())
-        .flat_map(list_entries)
-        .any(|entry| entry == SUBPROTOCOL)
-        .then_some(SUBPROTOCOL)
-}
-
-/// The non-empty entries of a comma-separated header list, without optional
-/// whitespace (RFC 9110 §5.6.1).
-fn list_entries(value: &str) -> impl Iterator<Item = &str> {
-    value
-        .split(',')
-        .map(|entry| entry.trim_matches([' ', '\t']))
-        .filter(|e| !e.is_empty())
-}
-
-/// The Bearer token of the `Authorization` header, if any.
-fn token_from_authorization(values: &[&[u8]]) -> Result<Option<String>, CarrierError> {
-    // RFC 9110 §11.6.2: one set of credentials; Authorization is no list, so
-    // several header lines present several credentials.
-    let value = match values {
-        [] => return Ok(None),
-        [value] => value.trim_ascii(),
-        _ => return Err(CarrierError::Ambiguous),
-    };
-
-    // RFC 6750 §2.1: credentials = "Bearer" 1*SP b64token, the scheme being
-    // case-insensitive (RFC 9110 §11.1). Another scheme presents no bearer
-    // token: RFC 6750 §3.1 answers 401 without an error attribute.
-    let split = value
-        .iter()
-        .position(|b| *b == b' ' || *b == b'\t')
-        .unwrap_or(value.len());
-    let (scheme, rest) = value.split_at(split);
-    if !scheme.eq_ignore_ascii_case(b"Bearer") {
-        return Ok(None);
-    }
-
-    let token = std::str::from_utf8(rest).map_err(|_| CarrierError::BadEncoding)?;
-    b64token(token.trim_start_matches([' ', '\t'])).map(Some)
-}
-
-/// The `token` query parameter, percent-decoded, if any.
-fn token_from_query(query: Option<&str>) -> Result<Option<String>, CarrierError> {
-    let Some(query) = query else {
-        return Ok(None);
-    };
-
-    // application/x-www-form-urlencoded, as browsers write it.
-    let mut found = None;
-    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        // A name that does not decode is not "token": not our parameter.
-        if form_decode(name).as_deref() != Some(TOKEN_QUERY_PARAM) {
-            continue;
-        }
-        if found.is_some() {
-            return Err(CarrierError::Ambiguous);
-        }
-        let value = form_decode(value).ok_or(CarrierError::BadEncoding)?;
-        found = Some(b64token(&value)?);
-    }
-    Ok(found)
-}
-
-/// The `bearer.<jwt>` subprotocol entry, if any; it needs `shardgate.v1`.
-fn token_from_protocols(values: &[&[u8]]) -> Result<Option<String>, CarrierError> {
-    let mut offered = false;
-    let mut found = None;
-
-    // RFC 6455 §11.3.4: the header may be repeated; each value is a list.
-    for value in values {
-        let value = std::str::from_utf8(value).map_err(|_| CarrierError::BadEncoding)?;
-        for entry in list_entries(value) {
-            if entry == SUBPROTOCOL {
-                offered = true;
-            } else if let Some(token) = entry.strip_prefix(BEARER_PROTOCOL_PREFIX) {
-                if found.is_some() {
-                    return Err(CarrierError::Ambiguous);
-                }
-                found = Some(b64token(token)?);
-            }
-        }
-    }
-
-    if found.is_some() && !offered {
-        return Err(CarrierError::BearerWithoutProtocol);
-    }
-    Ok(found)
-}
-
-/// Checks RFC 6750 §2.1 b64token syntax:
-/// `1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="`.
-fn b64token(token: &str) -> Result<String, CarrierError> {
-    let body = token.trim_end_matches('=');
-    let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~+/".contains(&b);
-    if body.is_empty() || !body.bytes().all(allowed) {
-        return Err(CarrierError::MalformedCarrier);
-    }
-    Ok(token.to_owned())
-}
-
-/// Decodes application/x-www-form-urlencoded text: `+` is a space and `%XX`
-/// a byte; `None` for a bad escape or bytes that are not UTF-8.
-fn form_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let high = hex_value(*bytes.get(i + 1)?)?;
-                let low = hex_value(*bytes.get(i + 2)?)?;
-                out.push(high << 4 | low);
-                i += 2;
-            }
-            other => out.push(other),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
-}
-
-fn hex_value(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'f' => Some(digit - b'a' + 10),
-        b'A'..=b'F' => Some(digit - b'A' + 10),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
-#[path = "auth_tests.rs"]
 mod tests;
