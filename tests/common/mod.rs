@@ -50,9 +50,17 @@ pub struct ServerBuilder {
     args: Vec<OsString>,
     env: Vec<(String, Option<String>)>,
     pinned: bool,
+    descriptor_limit: Option<u64>,
 }
 
 impl ServerBuilder {
+    /// Starts the child with RLIMIT_NOFILE (soft and hard) set to `limit`,
+    /// to drive it out of file descriptors.
+    pub fn descriptor_limit(mut self, limit: u64) -> Self {
+        self.descriptor_limit = Some(limit);
+        self
+    }
+
     /// Shard count (`--shards`); 2 unless set.
     pub fn shards(mut self, shards: u16) -> Self {
         self.shards = shards;
@@ -122,6 +130,23 @@ impl ServerBuilder {
             };
         }
 
+        if let Some(limit) = self.descriptor_limit {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the hook runs in the forked child before exec and only
+            // calls setrlimit, which is async-signal-safe.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = command.spawn().expect("cannot spawn the shardgate binary");
         let stdout_pipe = child.stdout.take().expect("piped stdout");
         let stderr_pipe = child.stderr.take().expect("piped stderr");
@@ -207,6 +232,7 @@ impl Server {
             args: Vec::new(),
             env: Vec::new(),
             pinned: false,
+            descriptor_limit: None,
         }
     }
 
