@@ -193,15 +193,15 @@ pub struct Limits {
     /// beyond it they are counted and the next logged event reports how many
     /// were suppressed.
     pub audit_per_sec: u32,
-    /// Longest stretch a shard runs connection tasks before it checks its
-    /// io_uring rings for other sockets' events (default 1 ms). glommio's own
-    /// default, 100 ms, lets one flooding client delay everyone else on the
-    /// shard by that much.
+    /// Longest stretch an executor (a shard or the router) runs tasks before
+    /// it checks its io_uring rings and cross-thread wake-ups (default 1 ms).
+    /// glommio's own default, 100 ms, lets one flooding client delay
+    /// everyone else on the shard, and a hand-off wait, by that much.
     pub preempt_timer: Duration,
-    /// Latency goal of each shard's hand-off queue (default 100 µs). Lower
-    /// means a busy shard notices a new connection sooner at the cost of more
-    /// frequent preemption checks.
-    pub handoff_latency: Duration,
+    /// How often a mailbox is looked at even without a wake-up (default
+    /// 10 ms): a guard against glommio losing a cross-thread wake-up, which
+    /// would otherwise leave a hand-off or an API reply waiting.
+    pub mailbox_recheck: Duration,
 }
 
 impl Default for Limits {
@@ -222,7 +222,7 @@ impl Default for Limits {
             outbound_queue_bytes: 1024 * 1024,
             close_timeout: Duration::from_secs(5),
             jwt_leeway_secs: 30,
-            handoff_latency: Duration::from_micros(100),
+            mailbox_recheck: Duration::from_millis(10),
             preempt_timer: Duration::from_millis(1),
             max_handshakes: 4096,
             max_handshakes_per_peer: 64,

@@ -224,7 +224,13 @@ impl Router {
                 .with_header("Retry-After", "1");
         }
         let deadline = Instant::now() + self.config.limits.shard_reply_timeout;
-        let wait = async { replies.recv().await.ok_or(HeadError::Closed) };
+        let recheck = self.config.limits.mailbox_recheck;
+        let wait = async {
+            replies
+                .recv_rechecking(recheck)
+                .await
+                .ok_or(HeadError::Closed)
+        };
         let reply = match http::before(deadline, wait).await {
             Ok(reply) => reply,
             Err(_) => {

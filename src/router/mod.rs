@@ -102,13 +102,16 @@ pub fn spawn(
     LocalExecutorBuilder::new(Placement::Unbound)
         .name("router")
         .io_memory(0)
+        .preempt_timer(config.limits.preempt_timer)
         .spawn(move || async move {
             crate::audit::set_rate(config.limits.audit_per_sec);
-            // Every router task runs in one latency-sensitive queue, so that
-            // a shard's reply wakes it promptly even while it is busy.
+            // One queue for every router task. Not latency-sensitive: glommio
+            // 0.9 loses wake-ups on its latency ring (requests were seen left
+            // unread); the 1 ms preempt timer bounds how long a busy router
+            // takes to notice a shard's reply.
             let queue = glommio::executor().create_task_queue(
                 Shares::default(),
-                Latency::Matters(Duration::from_millis(1)),
+                Latency::NotImportant,
                 "router",
             );
             let trusted_proxies = config.trusted_proxies.clone();
@@ -138,7 +141,7 @@ pub fn spawn(
                 }
             }
 
-            while let Some(order) = control.recv().await {
+            while let Some(order) = control.recv_rechecking(Duration::from_millis(100)).await {
                 match order {
                     RouterControl::StopAccepting => {
                         // The private listener keeps answering /readyz (503)
@@ -224,7 +227,10 @@ impl Router {
                 // arrive within the handshake timeout like the first one.
                 if buf.is_empty() {
                     let idle = Instant::now() + limits.http_idle_timeout;
-                    if http::before(idle, http::read_more(&mut stream, &mut buf)).await.is_err() {
+                    if http::before(idle, http::read_more(&mut stream, &mut buf))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
@@ -463,7 +469,13 @@ impl Router {
         }
         let mut stats: Vec<ShardStats> = Vec::with_capacity(waiting.len());
         for answer in waiting {
-            let wait = async { answer.recv().await.ok_or(HeadError::Closed) };
+            let recheck = self.config.limits.mailbox_recheck;
+            let wait = async {
+                answer
+                    .recv_rechecking(recheck)
+                    .await
+                    .ok_or(HeadError::Closed)
+            };
             if let Ok(shard_stats) = http::before(deadline, wait).await {
                 stats.push(shard_stats);
             }

@@ -167,13 +167,14 @@ async fn run(
     let executor = glommio::executor();
     let connection_queue =
         executor.create_task_queue(Shares::default(), Latency::NotImportant, "connections");
-    // The mailbox task sits in a latency-sensitive queue: a wake from the
-    // router then preempts a busy shard at its next task boundary.
-    let mailbox_queue = executor.create_task_queue(
-        Shares::default(),
-        Latency::Matters(config.limits.handoff_latency),
-        "mailbox",
-    );
+    // The mailbox task has a queue of its own, so the scheduler gives it its
+    // share as soon as it is woken, however busy the connections are. Both
+    // queues are NotImportant on purpose: glommio 0.9 puts the I/O of
+    // latency-sensitive queues on its latency ring, where wake-ups were seen
+    // to get lost (sockets adopted by the mailbox task stalled).
+    let mailbox_queue =
+        executor.create_task_queue(Shares::default(), Latency::NotImportant, "mailbox");
+    let recheck = config.limits.mailbox_recheck;
     let (finished, wait_finished) = glommio::channels::local_channel::new_bounded(1);
 
     let shard = Rc::new(Shard {
@@ -213,7 +214,8 @@ async fn run(
     let mailbox = glommio::spawn_local_into(
         async move {
             loop {
-                let next = futures_lite::future::or(async { Some(inbox.recv().await) }, async {
+                let message = inbox.recv_rechecking(recheck);
+                let next = futures_lite::future::or(async { Some(message.await) }, async {
                     let _ = wait_finished.recv().await;
                     None
                 });
@@ -266,7 +268,11 @@ impl Shard {
             Ok(value) => Some(value),
             Err(_) => {
                 bump(&self.counters.panics, 1);
-                tracing::error!(shard = self.index, what, "panic while handling a mailbox message");
+                tracing::error!(
+                    shard = self.index,
+                    what,
+                    "panic while handling a mailbox message"
+                );
                 self.rebuild_suspect_managers();
                 None
             }

@@ -1394,3 +1394,5 @@ impl RawWs {
 // checker and randomized driver, and outside introspection of a server.
 // ---------------------------------------------------------------------------
 
+pub mod model;
+pub mod probe;
