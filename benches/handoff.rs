@@ -95,17 +95,72 @@ fn probe(addr: SocketAddr, label: &str) -> Vec<Duration> {
     samples
 }
 
+/// The server's own accept-to-101 histogram: (upper bound in µs, count).
+fn server_histogram(addr: SocketAddr) -> Vec<(f64, u64)> {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text.lines()
+        .filter(|l| l.starts_with("shardgate_shard_handoff_latency_seconds_bucket"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let bound = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse::<f64>().ok()? * 1e6
+            };
+            let count = l.rsplit(' ').next()?.parse().ok()?;
+            Some((bound, count))
+        })
+        .collect()
+}
+
+/// The bucket bound under which `p` percent of the samples between two
+/// scrapes fell.
+fn server_percentile(before: &[(f64, u64)], after: &[(f64, u64)], p: f64) -> String {
+    let total = after.last().map_or(0, |b| b.1) - before.last().map_or(0, |b| b.1);
+    for ((bound, a), (_, b)) in after.iter().zip(before) {
+        if (a - b) as f64 >= total as f64 * p / 100.0 {
+            return if bound.is_finite() {
+                format!("<={bound:.0}us")
+            } else {
+                ">100ms".into()
+            };
+        }
+    }
+    "-".into()
+}
+
 fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` would too, so
     // run only when asked for as a benchmark.
     if !support::asked_to_run() {
         return;
     }
-    let server = start_server(&["--shards", "1", "--rate-limit", "0"]);
+    let preempt = std::env::var("SHARDGATE_PREEMPT_US").unwrap_or_else(|_| "1000".into());
+    let server = start_server(&[
+        "--shards",
+        "1",
+        "--rate-limit",
+        "0",
+        "--preempt-timer-us",
+        &preempt,
+    ]);
+    println!("server preempt timer: {preempt} us");
     println!("hand-off latency, client connect() to 101, one shard pinned to CPU 0");
 
+    let start = server_histogram(server.addr);
     let idle = probe(server.addr, "idle");
+    let after_idle = server_histogram(server.addr);
     report("idle", &idle, "");
+    println!(
+        "  server side (accept to 101 written): p50 {} p99 {}",
+        server_percentile(&start, &after_idle, 50.0),
+        server_percentile(&start, &after_idle, 99.0)
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -119,7 +174,9 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
     let before = done.load(Ordering::Relaxed);
     let started = Instant::now();
+    let before_busy = server_histogram(server.addr);
     let busy = probe(server.addr, "busy");
+    let after_busy = server_histogram(server.addr);
     let rate = (done.load(Ordering::Relaxed) - before) as f64 / started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for worker in workers {

@@ -131,6 +131,12 @@ struct ServeArgs {
     /// drain before every connection gets Close 1001.
     #[arg(long, default_value_t = 5_000, value_name = "MS")]
     drain_timeout_ms: u64,
+    /// Longest stretch, in microseconds, an executor runs tasks before it
+    /// looks at its rings and cross-thread wake-ups again. Lower: hand-offs
+    /// and other sockets are noticed sooner by a busy shard; higher: less
+    /// overhead.
+    #[arg(long, default_value_t = 1000, value_name = "US")]
+    preempt_timer_us: u64,
     /// Serve /ws/echo (conformance tests and raw benchmarks).
     #[arg(long)]
     enable_echo: bool,
@@ -320,6 +326,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         pong_timeout: Duration::from_millis(args.pong_timeout_ms.max(10)),
         close_timeout: Duration::from_millis(args.close_timeout_ms),
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
+        preempt_timer: Duration::from_micros(args.preempt_timer_us.max(50)),
         ..Limits::default()
     };
     let config = Config {

@@ -70,6 +70,8 @@ struct Bench {
     started: Instant,
     /// Seconds spent waiting for a quiet machine.
     quiet_waited: f64,
+    /// The commit the shardgate binary was built from (at start).
+    commit: String,
     /// Noisy runs repeated so far, and the most allowed.
     retries: usize,
     retry_budget: usize,
@@ -124,6 +126,7 @@ impl Bench {
             report: Report::default(),
             started: Instant::now(),
             quiet_waited: 0.0,
+            commit: git_head(),
             retries: 0,
             retry_budget: if quick { 15 } else { 80 },
         }
@@ -166,7 +169,7 @@ impl Bench {
             self.settings.measure.as_millis(),
             self.settings.warmup.as_millis()
         );
-        println!("shardgate commit {}", git_head());
+        println!("shardgate commit {}", self.commit);
         println!("{}", report::HEADER);
         self.round_trip();
         self.round_trip_two_cores();
@@ -551,7 +554,7 @@ impl Bench {
             "idle_connections": self.idle_n,
             "server_cpus": [0],
             "generator_cpu": 1,
-            "commit": git_head(),
+            "commit": self.commit,
         })
     }
 
