@@ -187,17 +187,7 @@ pub async fn read_head(
         // detected without buffering more of it.
         let old_len = buf.len();
         let want = (max_head + 1 - old_len).min(4096);
-        buf.resize(old_len + want, 0);
-        let read = stream.read(&mut buf[old_len..]).await;
-        let n = match read {
-            Ok(n) => n,
-            Err(err) => {
-                buf.truncate(old_len);
-                return Err(err.into());
-            }
-        };
-        buf.truncate(old_len + n);
-        if n == 0 {
+        if append(stream, buf, want).await? == 0 {
             return Err(if old_len == 0 {
                 HeadError::Closed
             } else {
@@ -233,18 +223,7 @@ pub async fn read_proxy_line(
             return Err(HeadError::Malformed);
         }
 
-        let old_len = buf.len();
-        buf.resize(MAX_PROXY_LINE, 0);
-        let n = stream.read(&mut buf[old_len..]).await;
-        let n = match n {
-            Ok(n) => n,
-            Err(err) => {
-                buf.truncate(old_len);
-                return Err(err.into());
-            }
-        };
-        buf.truncate(old_len + n);
-        if n == 0 {
+        if append(stream, buf, MAX_PROXY_LINE - buf.len()).await? == 0 {
             return Err(HeadError::Closed);
         }
     }
@@ -275,18 +254,7 @@ pub fn parse_proxy_line(line: &[u8]) -> Result<Option<std::net::SocketAddr>, Hea
 /// Reads once, appending what arrives to `buf` (an idle keep-alive
 /// connection waiting for its next request).
 pub async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), HeadError> {
-    let old_len = buf.len();
-    buf.resize(old_len + 4096, 0);
-    let n = stream.read(&mut buf[old_len..]).await;
-    let n = match n {
-        Ok(n) => n,
-        Err(err) => {
-            buf.truncate(old_len);
-            return Err(err.into());
-        }
-    };
-    buf.truncate(old_len + n);
-    if n == 0 {
+    if append(stream, buf, 4096).await? == 0 {
         return Err(HeadError::Closed);
     }
     Ok(())
@@ -299,15 +267,26 @@ pub async fn read_to_len(
     total: usize,
 ) -> Result<(), HeadError> {
     while buf.len() < total {
-        let old_len = buf.len();
-        buf.resize(total, 0);
-        let n = stream.read(&mut buf[old_len..]).await?;
-        buf.truncate(old_len + n);
-        if n == 0 {
+        if append(stream, buf, total - buf.len()).await? == 0 {
             return Err(HeadError::Closed);
         }
     }
     Ok(())
+}
+
+/// Reads once, at most `want` bytes, onto the end of `buf`; returns how
+/// many arrived (0: the peer closed).
+async fn append(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    want: usize,
+) -> Result<usize, HeadError> {
+    let old_len = buf.len();
+    buf.resize(old_len + want, 0);
+    let read = stream.read(&mut buf[old_len..]).await;
+    let n = *read.as_ref().unwrap_or(&0);
+    buf.truncate(old_len + n);
+    Ok(read?)
 }
 
 /// Writes all of `bytes`.
