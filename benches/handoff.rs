@@ -187,4 +187,9 @@ fn main() {
         &busy,
         &format!("(load: {rate:.0} sends/s acked meanwhile)"),
     );
+    println!(
+        "  server side (accept to 101 written): p50 {} p99 {}",
+        server_percentile(&before_busy, &after_busy, 50.0),
+        server_percentile(&before_busy, &after_busy, 99.0)
+    );
 }
