@@ -3,7 +3,6 @@
 //! [`mint`].
 
 use std::panic;
-use std::sync::{Mutex, PoisonError};
 
 use jsonwebtoken::crypto::CryptoProvider;
 use jsonwebtoken::{DecodingKey, EncodingKey, Header};
@@ -183,28 +182,18 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     find(haystack, needle).is_some()
 }
 
-/// Serialises the panic-hook swap of [`check_crypto_provider`].
-static PANIC_HOOK_LOCK: Mutex<()> = Mutex::new(());
-
 /// Checks that exactly one jsonwebtoken crypto provider is active and works:
 /// it signs a throwaway HS256 token, verifies it, and checks that a tampered
 /// copy is refused. Call it once at start-up.
 ///
-/// The self-test runs under `catch_unwind` with the panic hook silenced, so a
-/// panic of the backend becomes [`KeyError::ProviderBroken`]. The hook is
-/// process-wide: a panic on another thread during the few microseconds of the
-/// test prints nothing. This relies on `panic = "unwind"`.
+/// The self-test runs under `catch_unwind`, so a panic of the backend
+/// becomes [`KeyError::ProviderBroken`] (after the panic's own message on
+/// stderr, which only a broken build ever prints). This relies on
+/// `panic = "unwind"`.
 pub fn check_crypto_provider() -> Result<(), KeyError> {
     provider()?;
 
-    let guard = PANIC_HOOK_LOCK
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    let previous = panic::take_hook();
-    panic::set_hook(Box::new(|_| {}));
     let outcome = panic::catch_unwind(provider_self_test);
-    panic::set_hook(previous);
-    drop(guard);
 
     match outcome {
         Ok(result) => result,

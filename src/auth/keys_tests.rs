@@ -410,6 +410,6 @@ fn mint_with_huge_ttl_saturates() {
 #[test]
 fn crypto_provider_check_passes() {
     assert_eq!(check_crypto_provider(), Ok(()));
-    // Twice, and the panic hook is back in place afterwards.
+    // It can run more than once.
     assert_eq!(check_crypto_provider(), Ok(()));
 }
