@@ -223,8 +223,8 @@ fn main() {
 
     println!();
     println!(
-        "cost of isolation: {total} sends per row, {CONNS} connections per user, window {WINDOW} per \
-         sending connection, 2 shards, median of {RUNS} runs"
+        "cost of isolation: {total} sends per row, {CONNS} connections per user, \
+         window {WINDOW} per sending connection, 2 shards, median of {RUNS} runs"
     );
     println!(
         "| {:<22} | {:>5} | {:>5} | {:>8} | {:>10} | {:>12} | {:>9} | {:>9} | {:>9} |",

@@ -343,7 +343,8 @@ fn a_paced_flood_that_ignores_rate_limited_is_also_closed_1008() {
     };
     let refused = written - acks;
     println!(
-        "paced flood: {written} sends in {:?}, {acks} acked, {refused} refused ({notices} notices), ending {code:?}",
+        "paced flood: {written} sends in {:?}, {acks} acked, {refused} refused \
+         ({notices} notices), ending {code:?}",
         started.elapsed()
     );
     neighbours[0].ping_pong(1);
@@ -511,7 +512,8 @@ fn a_connection_that_never_reads_is_closed_4008_and_its_sibling_keeps_sending() 
     }
     assert!(sent < 200, "the slow connection was never cut off");
     println!(
-        "slow consumer cut off after {sent} messages of 16 KiB; neighbour max round trip {neighbour_max:?}"
+        "slow consumer cut off after {sent} messages of 16 KiB; \
+         neighbour max round trip {neighbour_max:?}"
     );
 
     // The sender is served as before.

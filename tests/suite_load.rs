@@ -62,8 +62,8 @@ fn run_load(name: &str, shards: u16, load: Load) {
     config.max_conns_per_user = load.conns;
     config.time_bound = Duration::from_secs(600);
     println!(
-        "{name}: seed {seed} (replay: SHARDGATE_SEED={seed}), {} users x {} connections on {shards} \
-         shards, {} traffic operations, {} workers",
+        "{name}: seed {seed} (replay: SHARDGATE_SEED={seed}), {} users x {} connections \
+         on {shards} shards, {} traffic operations, {} workers",
         load.users, load.conns, load.ops, load.workers
     );
     let report = run(&server, &ops, &config);

@@ -342,9 +342,9 @@ fn hostile_tokens_are_refused_exactly_and_reach_no_victim() {
         case(
             "kid SQL injection selecting the attacker's key",
             raw_token(
-                &header(
-                    json!({ "kid": "x' UNION SELECT 'attacker-controlled-key-0123456789abcdef' --" }),
-                ),
+                &header(json!({
+                    "kid": "x' UNION SELECT 'attacker-controlled-key-0123456789abcdef' --"
+                })),
                 &payload,
                 Algorithm::HS256,
                 &attacker_key(),

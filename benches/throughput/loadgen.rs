@@ -667,7 +667,8 @@ impl Net {
             }
         }
         format!(
-            "connecting {}, awaiting 101 {} (request delivered {}, still queued {}), open {}, closing {}",
+            "connecting {}, awaiting 101 {} (request delivered {}, still queued {}), \
+             open {}, closing {}",
             counts[1], counts[2], request_delivered, request_queued, counts[3], counts[4]
         )
     }

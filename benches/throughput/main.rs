@@ -155,7 +155,9 @@ impl Bench {
         let cap = (nofile as usize).saturating_sub(1_000);
         if self.idle_n > cap {
             let note = format!(
-                "idle: {} connections asked for, but RLIMIT_NOFILE cannot be raised above {nofile} here (hard limit; raising it needs CAP_SYS_RESOURCE), so the idle scenario uses {cap}",
+                "idle: {} connections asked for, but RLIMIT_NOFILE cannot be raised above \
+                 {nofile} here (hard limit; raising it needs CAP_SYS_RESOURCE), so the idle \
+                 scenario uses {cap}",
                 self.idle_n
             );
             println!("warning: {note}");
@@ -163,7 +165,8 @@ impl Bench {
             self.idle_n = cap;
         }
         println!(
-            "throughput bench: {} mode, {} runs of {} ms (+{} ms warm-up) per figure, generator on CPU 1, servers on CPU 0, RLIMIT_NOFILE {nofile}",
+            "throughput bench: {} mode, {} runs of {} ms (+{} ms warm-up) per figure, \
+             generator on CPU 1, servers on CPU 0, RLIMIT_NOFILE {nofile}",
             if self.quick { "quick" } else { "full" },
             self.settings.runs,
             self.settings.measure.as_millis(),
@@ -304,7 +307,9 @@ impl Bench {
             scenarios::round_trip(t, size, conns, &settings)
         });
         self.report.notes.push(
-            "round-trip-2core: both servers span CPUs 0 and 1 and the generator shares CPU 1 with them, so these runs are client-bound by construction".into(),
+            "round-trip-2core: both servers span CPUs 0 and 1 and the generator shares CPU 1 \
+             with them, so these runs are client-bound by construction"
+                .into(),
         );
     }
 
@@ -364,7 +369,9 @@ impl Bench {
             scenarios::publish(t, users, clients, &settings)
         });
         self.report.notes.push(
-            "publish: latency is the API round trip (request written to response read); throughput counts WebSocket deliveries (2 per publish)".into(),
+            "publish: latency is the API round trip (request written to response read); \
+             throughput counts WebSocket deliveries (2 per publish)"
+                .into(),
         );
     }
 
@@ -517,7 +524,10 @@ impl Bench {
             self.report.rows.push(row);
         }
         self.report.notes.push(
-            "idle: server RSS growth (VmRSS after all connections exchanged one message and settled 0.5 s, minus before) / connections; each run starts a fresh server; latency columns are empty and server CPU is over the open+exchange phase".into(),
+            "idle: server RSS growth (VmRSS after all connections exchanged one message and \
+             settled 0.5 s, minus before) / connections; each run starts a fresh server; \
+             latency columns are empty and server CPU is over the open+exchange phase"
+                .into(),
         );
         self.save();
     }
@@ -583,7 +593,8 @@ impl Bench {
             }
         }
         self.report.notes.push(format!(
-            "waited {:.0} s in all for a quiet machine before runs; repeated {} noisy runs (budget {})",
+            "waited {:.0} s in all for a quiet machine before runs; \
+             repeated {} noisy runs (budget {})",
             self.quiet_waited, self.retries, self.retry_budget
         ));
         let table = self.report.table();

@@ -137,7 +137,9 @@ fn lat(v: f64) -> String {
     }
 }
 
-pub const HEADER: &str = "| scenario | config | server | median | min–max | p50 µs | p99 µs | p99.9 µs | server CPU | gen CPU | other CPU | flags |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
+pub const HEADER: &str = "| scenario | config | server | median | min–max | p50 µs | p99 µs \
+    | p99.9 µs | server CPU | gen CPU | other CPU | flags |\n\
+    | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |";
 
 impl Report {
     pub fn row_line(row: &Row) -> String {
@@ -230,7 +232,8 @@ impl Report {
         if !self.ratios.is_empty() {
             writeln!(
                 out,
-                "\n| scenario | config | shardgate / peer (medians) | ratio |\n| --- | --- | --- | --- |"
+                "\n| scenario | config | shardgate / peer (medians) | ratio |\n\
+                 | --- | --- | --- | --- |"
             )
             .unwrap();
             for ratio in &self.ratios {
@@ -280,7 +283,11 @@ impl Report {
                         "stall_state": r.stall_state,
                         "errors": r.errors,
                         "note": r.note,
-                        "extra": r.extra.iter().map(|(k, v)| ((*k).to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+                        "extra": r
+                            .extra
+                            .iter()
+                            .map(|(k, v)| ((*k).to_string(), serde_json::json!(v)))
+                            .collect::<serde_json::Map<_, _>>(),
                     })).collect::<Vec<_>>(),
                 })
             })

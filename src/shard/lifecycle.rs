@@ -46,7 +46,11 @@ impl Shard {
             if !conn.echo && conn.expires_at.get().saturating_add(limits.jwt_leeway_secs) < now_secs
             {
                 bump(&self.counters.expired, 1);
-                tracing::debug!(user = %conn.user, conn = conn.id, "token expired; closing with 4001");
+                tracing::debug!(
+                    user = %conn.user,
+                    conn = conn.id,
+                    "token expired; closing with 4001"
+                );
                 self.forget(&conn);
                 conn.request_close(4001, "token expired");
                 continue;
