@@ -14,27 +14,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use support::{report, start_server, token, upgrade};
+use support::{client_frame, report, start_server, token, upgrade};
 
 const PROBES: usize = 2000;
 const LOAD_CONNECTIONS: usize = 8;
 const PIPELINE: usize = 32;
-
-/// A masked client text frame.
-fn frame(payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x81];
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    let mask = [1u8, 2, 3, 4];
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
-}
 
 /// Counts complete server frames in `buf`, keeping a partial tail.
 fn count_frames(buf: &mut Vec<u8>) -> usize {
@@ -64,7 +48,7 @@ fn count_frames(buf: &mut Vec<u8>) -> usize {
 /// Keeps the shard busy: each connection pipelines `send`s and reads acks.
 fn load(addr: SocketAddr, index: usize, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) {
     let (mut stream, _) = upgrade(addr, &token(&format!("load-{index}")));
-    let message = frame(br#"{"type":"send","id":1,"data":"0123456789abcdef"}"#);
+    let message = client_frame(1, br#"{"type":"send","id":1,"data":"0123456789abcdef"}"#);
     let batch: Vec<u8> = (0..PIPELINE).flat_map(|_| message.clone()).collect();
     let mut pending = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];

@@ -89,11 +89,6 @@ impl<T> MailboxReceiver<T> {
             }
         }
     }
-
-    /// Takes a message if one is waiting.
-    pub fn try_recv(&self) -> Option<T> {
-        self.rx.try_recv().ok()
-    }
 }
 
 /// Future returned by [`MailboxReceiver::recv`].
