@@ -370,6 +370,8 @@ impl Router {
 
         let mut out = Vec::new();
         let mut close = !keep_alive;
+        // Bytes of `buf` the API used for head and body, when it ran.
+        let mut body_read = None;
         match path.as_str() {
             "/healthz" | "/readyz" | "/metrics"
                 if head.method != "GET" && head.method != "HEAD" =>
@@ -424,31 +426,27 @@ impl Router {
                     &answer.body,
                     !close,
                 );
-                if close {
-                    let _ = http::write_all(stream, &out).await;
-                    return After::Close;
-                }
-                buf.drain(..answer.consumed.min(buf.len()));
-                return match http::write_all(stream, &out).await {
-                    Ok(()) => After::KeepAlive,
-                    Err(_) => After::Close,
-                };
+                body_read = Some(answer.consumed);
             }
             _ => {
                 http::write_response(&mut out, 404, &[], "text/plain", b"not found\n", keep_alive);
             }
         }
 
-        // Requests other than the API carry no body this server reads: a
-        // declared one is refused by closing after the answer.
-        if head
-            .header("content-length")
-            .is_some_and(|v| v.trim_ascii() != b"0")
-            || head.header("transfer-encoding").is_some()
-        {
-            close = true;
-        }
-        buf.drain(..head_len);
+        // Only the API reads request bodies; for any other request a
+        // declared body is refused by closing after the answer.
+        let consumed = match body_read {
+            Some(consumed) => consumed,
+            None => {
+                let declares_body = head
+                    .header("content-length")
+                    .is_some_and(|v| v.trim_ascii() != b"0")
+                    || head.header("transfer-encoding").is_some();
+                close |= declares_body;
+                head_len
+            }
+        };
+        buf.drain(..consumed.min(buf.len()));
         if http::write_all(stream, &out).await.is_err() || close {
             return After::Close;
         }
