@@ -318,8 +318,24 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown();
+        if std::thread::panicking() {
+            // A failing test shows what the server saw; the tail is enough
+            // and keeps the CI output readable.
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!(
+                "--- last {} lines of the server's log (pid {}) ---\n{}\n--- end of log ---",
+                tail.len(),
+                self.child.id(),
+                tail.join("\n")
+            );
+        }
     }
 }
+
+/// How many lines of the server's log a failing test prints.
+const LOG_TAIL_LINES: usize = 60;
 
 /// Calls `check` until it returns true or `timeout` passes (10 ms apart).
 pub fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
