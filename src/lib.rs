@@ -15,11 +15,14 @@
 //! - [`http`] parses request heads and writes plain HTTP answers.
 //! - [`config`] holds every limit and timeout, read-only once the server runs.
 //! - [`system`] checks and raises the process limits glommio needs.
-//! - [`server`] wires the pieces together and runs until shutdown.
+//! - [`server`] wires the pieces together and runs until shutdown;
+//!   [`executors`] starts the executor threads, tells it when each serves,
+//!   and keeps them awake.
 
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod executors;
 pub mod http;
 pub mod mailbox;
 pub mod metrics;

@@ -5,9 +5,11 @@ use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::executors::{self, ExecutorThread, Part, Startup, Watchdog};
 use crate::mailbox;
 use crate::router::{self, Role, RouterControl};
 use crate::shard;
@@ -99,13 +101,24 @@ pub fn run(
 
     // Shards, pinned round-robin over the CPUs this process may use.
     let cpus = system::allowed_cpus();
+    let mut startup = Startup::new();
+    executors::install_kick_handler()
+        .map_err(|err| ServerError::Executor(format!("cannot install the kick handler: {err}")))?;
     let mut senders = Vec::with_capacity(config.shards);
     let mut shard_handles = Vec::with_capacity(config.shards);
     for index in 0..config.shards {
         let (sender, inbox) = mailbox::mailbox(config.limits.handoff_queue);
         let cpu = config.pin_shards.then(|| cpus[index % cpus.len()]);
-        let handle = shard::spawn(index, cpu, config.clone(), verifier.clone(), inbox)
-            .map_err(|err| ServerError::Executor(err.to_string()))?;
+        let reporter = startup.reporter(Part::Shard(index));
+        let handle = shard::spawn(
+            index,
+            cpu,
+            config.clone(),
+            verifier.clone(),
+            inbox,
+            reporter,
+        )
+        .map_err(|err| ServerError::Executor(err.to_string()))?;
         tracing::info!(shard = index, cpu = ?cpu, "shard placed");
         senders.push(sender);
         shard_handles.push(handle);
@@ -129,8 +142,52 @@ pub fn run(
         listeners,
         draining.clone(),
         control_inbox,
+        startup.reporter(Part::Router),
     )
     .map_err(|err| ServerError::Executor(err.to_string()))?;
+
+    // From here until every executor thread has ended, the watchdog wakes
+    // any executor that glommio has put to sleep with work to do.
+    let watched = shard_handles
+        .iter()
+        .chain(std::iter::once(&router))
+        .map(ExecutorThread::watched)
+        .collect();
+    let watchdog = Watchdog::start(watched)
+        .map_err(|err| ServerError::Executor(format!("cannot start the watchdog: {err}")))?;
+
+    let waited = startup.wait(STARTUP_TIMEOUT, STARTUP_WARNING, |missing, waited| {
+        tracing::warn!(
+            missing = %list(missing),
+            waited_ms = waited.as_millis() as u64,
+            "executors still starting"
+        );
+    });
+    match waited {
+        Ok(()) => {}
+        Err(executors::Failure::Ended(missing)) => {
+            // The threads of the missing parts have exited: their results
+            // say why.
+            watchdog.stop();
+            let mut reasons = Vec::new();
+            for (index, handle) in shard_handles.into_iter().enumerate() {
+                if missing.contains(&Part::Shard(index)) {
+                    reasons.push(format!("shard {index}: {}", join_reason(handle.join())));
+                }
+            }
+            if missing.contains(&Part::Router) {
+                reasons.push(format!("router: {}", join_reason(router.join())));
+            }
+            return Err(ServerError::Executor(reasons.join("; ")));
+        }
+        Err(executors::Failure::TimedOut(missing)) => {
+            return Err(ServerError::Executor(format!(
+                "{} not started after {} s",
+                list(&missing),
+                STARTUP_TIMEOUT.as_secs()
+            )));
+        }
+    }
 
     tracing::info!(
         listen = %bound.listen,
@@ -161,15 +218,51 @@ pub fn run(
         std::process::exit(1);
     });
 
+    // The watchdog keeps watching while the shards drain, and a thread may
+    // not be joined while it is watched: wait for the threads to end first.
+    wait_until_finished(&shard_handles);
+    let _ = router_control.try_send(RouterControl::Exit);
+    wait_until_finished(std::slice::from_ref(&router));
+    watchdog.stop();
     for handle in shard_handles {
         let _ = handle.join();
     }
-    let _ = router_control.try_send(RouterControl::Exit);
     if let Err(err) = router.join() {
-        return Err(ServerError::Executor(err.to_string()));
+        return Err(ServerError::Executor(err));
     }
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// How long the executors may take to start before the server gives up.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a slow start is logged while waiting.
+const STARTUP_WARNING: Duration = Duration::from_secs(2);
+
+/// Returns once every thread in `threads` has ended (without joining them).
+fn wait_until_finished(threads: &[ExecutorThread]) {
+    while !threads.iter().all(ExecutorThread::is_finished) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// "shard 0, router" for a log line or an error.
+fn list(parts: &[Part]) -> String {
+    parts
+        .iter()
+        .map(Part::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Why an executor thread that never reported ready has ended.
+fn join_reason(result: Result<(), String>) -> String {
+    match result {
+        // A part that ends cleanly without reporting gave its reason in an
+        // earlier log line.
+        Ok(()) => "ended before it was ready (see the log above)".to_owned(),
+        Err(err) => err,
+    }
 }
 
 fn shutdown_signals() -> libc::sigset_t {

@@ -37,6 +37,7 @@ use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle}
 
 use crate::auth::Verifier;
 use crate::config::Config;
+use crate::executors::{ExecutorThread, Reporter};
 use crate::mailbox::MailboxReceiver;
 use crate::ws::codec::{MessageLimits, OpCode};
 use connection::Connection;
@@ -141,20 +142,26 @@ pub fn spawn(
     config: Arc<Config>,
     verifier: Arc<Verifier>,
     inbox: MailboxReceiver<ShardMessage>,
-) -> glommio::Result<glommio::ExecutorJoinHandle<()>, ()> {
+    reporter: Reporter,
+) -> std::io::Result<ExecutorThread> {
     let placement = match cpu {
         Some(cpu) => Placement::Fixed(cpu),
         None => Placement::Unbound,
     };
-    LocalExecutorBuilder::new(placement)
-        .name(&format!("shard-{index}"))
-        // Registered I/O memory serves file I/O only; sockets do not use it.
-        .io_memory(0)
-        // How long connection tasks may run before the executor looks at
-        // its rings again. glommio's default (100 ms) lets a busy socket
-        // delay every other socket's wake-ups by that much.
-        .preempt_timer(config.limits.preempt_timer)
-        .spawn(move || run(index, config, verifier, inbox))
+    let preempt_timer = config.limits.preempt_timer;
+    let builder = move || {
+        LocalExecutorBuilder::new(placement)
+            // Registered I/O memory serves file I/O only; sockets do not
+            // use it.
+            .io_memory(0)
+            // How long connection tasks may run before the executor looks
+            // at its rings again. glommio's default (100 ms) lets a busy
+            // socket delay every other socket's wake-ups by that much.
+            .preempt_timer(preempt_timer)
+    };
+    ExecutorThread::spawn(&format!("shard-{index}"), builder, move || {
+        run(index, config, verifier, inbox, reporter)
+    })
 }
 
 async fn run(
@@ -162,6 +169,7 @@ async fn run(
     config: Arc<Config>,
     verifier: Arc<Verifier>,
     inbox: MailboxReceiver<ShardMessage>,
+    reporter: Reporter,
 ) {
     crate::audit::set_rate(config.limits.audit_per_sec);
     let executor = glommio::executor();
@@ -228,7 +236,10 @@ async fn run(
         mailbox_queue,
     );
     match mailbox {
-        Ok(task) => task.await,
+        Ok(task) => {
+            reporter.ready();
+            task.await;
+        }
         Err(err) => {
             tracing::error!(shard = index, cause = %err, "cannot start mailbox task");
             return;
