@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::executors::{self, ExecutorThread, Part, Startup, Watchdog};
+use crate::executors::{self, Part, Startup, Watchdog};
 use crate::mailbox;
 use crate::router::{self, Role, RouterControl};
 use crate::shard;
@@ -102,8 +102,6 @@ pub fn run(
     // Shards, pinned round-robin over the CPUs this process may use.
     let cpus = system::allowed_cpus();
     let mut startup = Startup::new();
-    executors::install_kick_handler()
-        .map_err(|err| ServerError::Executor(format!("cannot install the kick handler: {err}")))?;
     let mut senders = Vec::with_capacity(config.shards);
     let mut shard_handles = Vec::with_capacity(config.shards);
     for index in 0..config.shards {
@@ -146,14 +144,12 @@ pub fn run(
     )
     .map_err(|err| ServerError::Executor(err.to_string()))?;
 
-    // From here until every executor thread has ended, the watchdog wakes
-    // any executor that glommio has put to sleep with work to do.
-    let watched = shard_handles
-        .iter()
-        .chain(std::iter::once(&router))
-        .map(ExecutorThread::watched)
-        .collect();
-    let watchdog = Watchdog::start(watched)
+    // From here until every executor thread has ended, the watchdog owns
+    // them and wakes any that glommio has put to sleep with work to do.
+    // Shards keep their indices; the router comes last.
+    let router_index = shard_handles.len();
+    shard_handles.push(router);
+    let watchdog = Watchdog::start(shard_handles)
         .map_err(|err| ServerError::Executor(format!("cannot start the watchdog: {err}")))?;
 
     let waited = startup.wait(STARTUP_TIMEOUT, STARTUP_WARNING, |missing, waited| {
@@ -165,20 +161,16 @@ pub fn run(
     });
     match waited {
         Ok(()) => {}
-        Err(executors::Failure::Ended(missing)) => {
-            // The threads of the missing parts have exited: their results
-            // say why.
-            watchdog.stop();
-            let mut reasons = Vec::new();
-            for (index, handle) in shard_handles.into_iter().enumerate() {
-                if missing.contains(&Part::Shard(index)) {
-                    reasons.push(format!("shard {index}: {}", join_reason(handle.join())));
-                }
-            }
-            if missing.contains(&Part::Router) {
-                reasons.push(format!("router: {}", join_reason(router.join())));
-            }
-            return Err(ServerError::Executor(reasons.join("; ")));
+        Err(executors::Failure::GaveUp(part)) => {
+            // The part's thread ends (or has ended) without serving; its
+            // result says why. The others are left to the process's exit.
+            let index = match part {
+                Part::Shard(index) => index,
+                Part::Router => router_index,
+            };
+            let mut threads = watchdog.stop();
+            let reason = join_reason(threads.swap_remove(index).join());
+            return Err(ServerError::Executor(format!("{part}: {reason}")));
         }
         Err(executors::Failure::TimedOut(missing)) => {
             return Err(ServerError::Executor(format!(
@@ -218,14 +210,15 @@ pub fn run(
         std::process::exit(1);
     });
 
-    // The watchdog keeps watching while the shards drain, and a thread may
-    // not be joined while it is watched: wait for the threads to end first.
-    wait_until_finished(&shard_handles);
+    // The watchdog keeps watching while the shards drain; the threads come
+    // back from it, to be joined, once they have all ended.
+    wait_until(|| (0..router_index).all(|index| watchdog.is_finished(index)));
     let _ = router_control.try_send(RouterControl::Exit);
-    wait_until_finished(std::slice::from_ref(&router));
-    watchdog.stop();
-    for handle in shard_handles {
-        let _ = handle.join();
+    wait_until(|| watchdog.is_finished(router_index));
+    let mut threads = watchdog.stop();
+    let router = threads.swap_remove(router_index);
+    for shard in threads {
+        let _ = shard.join();
     }
     if let Err(err) = router.join() {
         return Err(ServerError::Executor(err));
@@ -239,9 +232,9 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a slow start is logged while waiting.
 const STARTUP_WARNING: Duration = Duration::from_secs(2);
 
-/// Returns once every thread in `threads` has ended (without joining them).
-fn wait_until_finished(threads: &[ExecutorThread]) {
-    while !threads.iter().all(ExecutorThread::is_finished) {
+/// Returns once `done` is true, looking every 10 ms.
+fn wait_until(mut done: impl FnMut() -> bool) {
+    while !done() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -151,13 +151,12 @@ pub fn spawn(
                 }
             }
         }
-        // Without every accept loop the router does not report, and the
-        // server gives up instead of serving half its listeners.
-        if accepting {
-            reporter.ready();
-        } else {
-            drop(reporter);
+        // Without every accept loop the router gives up (its reporter tells
+        // the server so) instead of serving half its listeners.
+        if !accepting {
+            return;
         }
+        reporter.ready();
 
         while let Some(order) = control.recv_rechecking(recheck).await {
             match order {
