@@ -134,6 +134,8 @@ impl Connection {
                     if let ControlFlow::Break(end) = step {
                         return end;
                     }
+                    // Nothing of the shard is borrowed here.
+                    self.shard.serve_waiting_mail();
                     yield_after_full_read(n).await;
                 }
                 IoEvent::CloseRequested(code, reason) => return Ending::Close(code, reason),
