@@ -26,7 +26,7 @@ use std::sync::{Arc, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use glommio::LocalExecutorBuilder;
+use glommio::{LocalExecutorBuilder, Placement};
 
 /// How often an executor's heartbeat task runs.
 const HEARTBEAT: Duration = Duration::from_millis(10);
@@ -61,12 +61,22 @@ pub struct ExecutorThread {
 }
 
 impl ExecutorThread {
-    /// Starts a thread named `name` that builds an executor with `builder`
-    /// and runs the future made by `task` on it until that future ends,
-    /// with a heartbeat task beside it.
-    pub fn spawn<B, T, F>(name: &str, builder: B, task: T) -> std::io::Result<Self>
+    /// Starts a thread named `name` that builds an executor placed at
+    /// `placement` and runs the future made by `task` on it until that
+    /// future ends, with a heartbeat task beside it. Every executor of the
+    /// server is configured here:
+    /// - no registered I/O memory: it serves file I/O only, and sockets do
+    ///   not use it;
+    /// - `preempt_timer`: how long tasks may run before the executor looks
+    ///   at its rings again. glommio's default (100 ms) lets a busy socket
+    ///   delay every other socket's wake-ups by that much.
+    pub fn spawn<T, F>(
+        name: &str,
+        placement: Placement,
+        preempt_timer: Duration,
+        task: T,
+    ) -> std::io::Result<Self>
     where
-        B: FnOnce() -> LocalExecutorBuilder + Send + 'static,
         T: FnOnce() -> F + Send + 'static,
         F: Future<Output = ()> + 'static,
     {
@@ -75,7 +85,10 @@ impl ExecutorThread {
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
-                let built = builder().make();
+                let built = LocalExecutorBuilder::new(placement)
+                    .io_memory(0)
+                    .preempt_timer(preempt_timer)
+                    .make();
                 let executor = match built {
                     Ok(executor) => executor,
                     Err(err) => {
@@ -472,7 +485,8 @@ mod tests {
         let thread = ExecutorThread::spawn(
             "unbuildable",
             // No machine has this CPU, so binding to it fails.
-            || LocalExecutorBuilder::new(glommio::Placement::Fixed(1 << 20)),
+            Placement::Fixed(1 << 20),
+            Duration::from_millis(1),
             || async {},
         )
         .expect("thread");
@@ -562,7 +576,8 @@ mod tests {
         let (done, finished) = mpsc::channel();
         let thread = ExecutorThread::spawn(
             "kicked",
-            || LocalExecutorBuilder::new(glommio::Placement::Unbound).io_memory(0),
+            Placement::Unbound,
+            Duration::from_millis(1),
             move || async move {
                 // Parked in its ring most of this time, so most kicks land
                 // in its wait; the timers must still fire, in order.

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use glommio::channels::local_channel::{self, LocalReceiver};
 use glommio::net::{TcpListener, TcpStream};
-use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
+use glommio::{Latency, Placement, Shares, TaskQueueHandle};
 
 use crate::auth::Verifier;
 use crate::config::Config;
@@ -101,79 +101,78 @@ pub fn spawn(
     control: MailboxReceiver<RouterControl>,
     reporter: Reporter,
 ) -> std::io::Result<ExecutorThread> {
-    let preempt_timer = config.limits.preempt_timer;
-    let builder = move || {
-        LocalExecutorBuilder::new(Placement::Unbound)
-            .io_memory(0)
-            .preempt_timer(preempt_timer)
-    };
-    ExecutorThread::spawn("router", builder, move || async move {
-        crate::audit::set_rate(config.limits.audit_per_sec);
-        // One queue for every router task. Not latency-sensitive: glommio
-        // 0.9 loses wake-ups on its latency ring (requests were seen left
-        // unread); the 1 ms preempt timer bounds how long a busy router
-        // takes to notice a shard's reply.
-        let queue = glommio::executor().create_task_queue(
-            Shares::default(),
-            Latency::NotImportant,
-            "router",
-        );
-        let trusted_proxies = config.trusted_proxies.clone();
-        // The control mailbox's re-check timer is also what wakes the
-        // router if glommio parks it with work queued (see `executors`).
-        let recheck = config.limits.mailbox_recheck;
-        let router = Rc::new(Router {
-            config,
-            verifier,
-            shards,
-            draining,
-            counters: RouterCounters::default(),
-            queue,
-            peers: Peers::new(trusted_proxies),
-            private_peers: Peers::new(Vec::new()),
-        });
-        let mut stops = Vec::new();
-        let mut accepting = true;
-        for (listener, role) in listeners {
-            // SAFETY: the descriptor comes from a std listener consumed
-            // here; the glommio listener becomes its only owner.
-            let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
-            let (stop, stopped) = local_channel::new_bounded(1);
-            let accept = router.clone().accept_loop(listener, role, stopped);
-            match glommio::spawn_local_into(accept, queue) {
-                Ok(task) => {
-                    task.detach();
-                    stops.push((role, stop));
-                }
-                Err(err) => {
-                    tracing::error!(cause = %err, "cannot start accept loop");
-                    accepting = false;
-                }
-            }
-        }
-        // Without every accept loop the router gives up (its reporter tells
-        // the server so) instead of serving half its listeners.
-        if !accepting {
-            return;
-        }
-        reporter.ready();
-
-        while let Some(order) = control.recv_rechecking(recheck).await {
-            match order {
-                RouterControl::StopAccepting => {
-                    // The private listener keeps answering /readyz (503)
-                    // and metrics while the shards drain.
-                    for (role, stop) in &stops {
-                        if matches!(role, Role::Public { .. }) {
-                            let _ = stop.try_send(());
-                        }
+    ExecutorThread::spawn(
+        "router",
+        Placement::Unbound,
+        config.limits.preempt_timer,
+        move || async move {
+            crate::audit::set_rate(config.limits.audit_per_sec);
+            // One queue for every router task. Not latency-sensitive: glommio
+            // 0.9 loses wake-ups on its latency ring (requests were seen left
+            // unread); the 1 ms preempt timer bounds how long a busy router
+            // takes to notice a shard's reply.
+            let queue = glommio::executor().create_task_queue(
+                Shares::default(),
+                Latency::NotImportant,
+                "router",
+            );
+            let trusted_proxies = config.trusted_proxies.clone();
+            // Re-checked like the shards' mailboxes, in case a cross-thread
+            // wake-up is lost.
+            let recheck = config.limits.mailbox_recheck;
+            let router = Rc::new(Router {
+                config,
+                verifier,
+                shards,
+                draining,
+                counters: RouterCounters::default(),
+                queue,
+                peers: Peers::new(trusted_proxies),
+                private_peers: Peers::new(Vec::new()),
+            });
+            let mut stops = Vec::new();
+            let mut accepting = true;
+            for (listener, role) in listeners {
+                // SAFETY: the descriptor comes from a std listener consumed
+                // here; the glommio listener becomes its only owner.
+                let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+                let (stop, stopped) = local_channel::new_bounded(1);
+                let accept = router.clone().accept_loop(listener, role, stopped);
+                match glommio::spawn_local_into(accept, queue) {
+                    Ok(task) => {
+                        task.detach();
+                        stops.push((role, stop));
                     }
-                    tracing::info!("stopped accepting on the public listener");
+                    Err(err) => {
+                        tracing::error!(cause = %err, "cannot start accept loop");
+                        accepting = false;
+                    }
                 }
-                RouterControl::Exit => break,
             }
-        }
-    })
+            // Without every accept loop the router gives up (its reporter tells
+            // the server so) instead of serving half its listeners.
+            if !accepting {
+                return;
+            }
+            reporter.ready();
+
+            while let Some(order) = control.recv_rechecking(recheck).await {
+                match order {
+                    RouterControl::StopAccepting => {
+                        // The private listener keeps answering /readyz (503)
+                        // and metrics while the shards drain.
+                        for (role, stop) in &stops {
+                            if matches!(role, Role::Public { .. }) {
+                                let _ = stop.try_send(());
+                            }
+                        }
+                        tracing::info!("stopped accepting on the public listener");
+                    }
+                    RouterControl::Exit => break,
+                }
+            }
+        },
+    )
 }
 
 impl Router {

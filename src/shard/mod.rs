@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use ahash::AHashMap;
 use glommio::net::TcpStream;
-use glommio::{Latency, LocalExecutorBuilder, Placement, Shares, TaskQueueHandle};
+use glommio::{Latency, Placement, Shares, TaskQueueHandle};
 
 use crate::auth::Verifier;
 use crate::config::Config;
@@ -154,20 +154,12 @@ pub fn spawn(
         Some(cpu) => Placement::Fixed(cpu),
         None => Placement::Unbound,
     };
-    let preempt_timer = config.limits.preempt_timer;
-    let builder = move || {
-        LocalExecutorBuilder::new(placement)
-            // Registered I/O memory serves file I/O only; sockets do not
-            // use it.
-            .io_memory(0)
-            // How long connection tasks may run before the executor looks
-            // at its rings again. glommio's default (100 ms) lets a busy
-            // socket delay every other socket's wake-ups by that much.
-            .preempt_timer(preempt_timer)
-    };
-    ExecutorThread::spawn(&format!("shard-{index}"), builder, move || {
-        run(index, config, verifier, inbox, reporter)
-    })
+    ExecutorThread::spawn(
+        &format!("shard-{index}"),
+        placement,
+        config.limits.preempt_timer,
+        move || run(index, config, verifier, inbox, reporter),
+    )
 }
 
 async fn run(
