@@ -39,31 +39,32 @@ const OTHER_SECRET: &[u8] = b"fedcba9876543210fedcba9876543210fedcba9876543210fe
 
 // ---- each key type ----------------------------------------------------------
 
-#[test]
-fn rs256_es256_and_eddsa_accept_tokens_of_the_fixture_keys() {
-    let cases = [
+/// Each asymmetric algorithm with its fixture signing key and public key.
+fn asymmetric_fixtures() -> [(Algorithm, EncodingKey, &'static [u8]); 3] {
+    let key = |parsed: Result<EncodingKey, _>| parsed.expect("private fixture");
+    [
         (
             Algorithm::RS256,
-            EncodingKey::from_rsa_pem(RSA_PRIVATE),
+            key(EncodingKey::from_rsa_pem(RSA_PRIVATE)),
             RSA_PUBLIC,
         ),
         (
             Algorithm::ES256,
-            EncodingKey::from_ec_pem(EC_PRIVATE),
+            key(EncodingKey::from_ec_pem(EC_PRIVATE)),
             EC_PUBLIC,
         ),
         (
             Algorithm::EdDSA,
-            EncodingKey::from_ed_pem(ED_PRIVATE),
+            key(EncodingKey::from_ed_pem(ED_PRIVATE)),
             ED_PUBLIC,
         ),
-    ];
-    for (algorithm, private, public) in cases {
-        let token = sign(
-            algorithm,
-            &private.expect("private fixture"),
-            &valid_claims(),
-        );
+    ]
+}
+
+#[test]
+fn rs256_es256_and_eddsa_accept_tokens_of_the_fixture_keys() {
+    for (algorithm, private, public) in asymmetric_fixtures() {
+        let token = sign(algorithm, &private, &valid_claims());
         let verifier = verifier(&AuthConfig::public_key(algorithm, public));
 
         assert_eq!(verifier.algorithm(), algorithm);
@@ -83,25 +84,7 @@ fn a_token_signed_with_another_secret_is_refused() {
 
 #[test]
 fn asymmetric_signatures_over_another_payload_are_refused() {
-    let cases = [
-        (
-            Algorithm::RS256,
-            EncodingKey::from_rsa_pem(RSA_PRIVATE),
-            RSA_PUBLIC,
-        ),
-        (
-            Algorithm::ES256,
-            EncodingKey::from_ec_pem(EC_PRIVATE),
-            EC_PUBLIC,
-        ),
-        (
-            Algorithm::EdDSA,
-            EncodingKey::from_ed_pem(ED_PRIVATE),
-            ED_PUBLIC,
-        ),
-    ];
-    for (algorithm, private, public) in cases {
-        let private = private.expect("private fixture");
+    for (algorithm, private, public) in asymmetric_fixtures() {
         let alice = sign(algorithm, &private, &valid_claims());
         let mallory = sign(algorithm, &private, &claims_with("sub", json!("mallory")));
 
