@@ -208,16 +208,27 @@ impl Problems {
 
 // ---------------------------------------------------------------- phases
 
-/// The common shape of a load: started, measured, stopped, drained.
-trait Load: Driver {
-    fn start(&mut self, net: &mut Net, now: Instant);
-    fn set_measuring(&mut self, on: bool);
-    /// No new work after this.
-    fn stop(&mut self);
-    fn in_flight(&self) -> usize;
+/// What every load tracks in the same way while it is started, measured,
+/// stopped and drained.
+#[derive(Default)]
+struct Phase {
+    /// Each completed unit of work starts the next one; false once stopped.
+    running: bool,
+    /// Completions are counted and timed (the measured window).
+    measuring: bool,
+    /// Units of work started and not yet completed.
+    in_flight: usize,
     /// Completed units of work so far (warm-up included): a stall is a gap
     /// without progress while work is in flight.
-    fn progress(&self) -> u64;
+    events: u64,
+}
+
+/// The common shape of a load.
+trait Load: Driver {
+    fn phase(&self) -> &Phase;
+    fn phase_mut(&mut self) -> &mut Phase;
+    /// Starts the first units of work (`running` is already set).
+    fn start(&mut self, net: &mut Net, now: Instant);
 }
 
 /// A gap without progress this long is reported as a stall.
@@ -311,9 +322,9 @@ impl StallWatch {
                 return;
             }
             net.poll(load, 1);
-            let progress = load.progress();
+            let progress = load.phase().events;
             let now = Instant::now();
-            if progress != self.last || load.in_flight() == 0 {
+            if progress != self.last || load.phase().in_flight == 0 {
                 self.last = progress;
                 self.since = now;
                 continue;
@@ -332,29 +343,30 @@ impl StallWatch {
 /// Warm-up, then the measured window; then stop and drain.
 fn run_phases<L: Load>(net: &mut Net, load: &mut L, pid: i32, settings: &Settings) -> Window {
     let start = Instant::now();
+    load.phase_mut().running = true;
     load.start(net, start);
     let mut watch = StallWatch {
-        last: load.progress(),
+        last: load.phase().events,
         since: start,
         longest: Duration::ZERO,
         state: None,
     };
     watch.run(net, load, start + settings.warmup);
-    load.set_measuring(true);
+    load.phase_mut().measuring = true;
     let cpu0 = servers::cpu_seconds(pid);
     let gen0 = servers::thread_cpu_seconds();
     let busy0 = servers::cpus_busy_seconds(&[0, 1]);
     let t0 = Instant::now();
     watch.run(net, load, t0 + settings.measure);
-    load.set_measuring(false);
+    load.phase_mut().measuring = false;
     let elapsed = t0.elapsed().as_secs_f64();
     let server_cpu = (servers::cpu_seconds(pid) - cpu0) / elapsed;
     let gen_cpu = (servers::thread_cpu_seconds() - gen0) / elapsed;
     let busy = (servers::cpus_busy_seconds(&[0, 1]) - busy0) / elapsed;
     let other_cpu = (busy - server_cpu - gen_cpu).max(0.0);
-    load.stop();
+    load.phase_mut().running = false;
     let deadline = Instant::now() + Duration::from_secs(2);
-    poll_until(net, load, deadline, |load, _| load.in_flight() == 0);
+    poll_until(net, load, deadline, |load, _| load.phase().in_flight == 0);
     Window {
         t0,
         elapsed,
@@ -387,28 +399,25 @@ struct RoundTrip {
     sent_at: Vec<Instant>,
     units: usize,
     welcomed: usize,
-    running: bool,
-    measuring: bool,
-    in_flight: usize,
+    phase: Phase,
     hist: Histogram<u64>,
     done: u64,
-    events: u64,
     acks: u64,
     problems: Problems,
 }
 
 impl RoundTrip {
     fn complete(&mut self, net: &mut Net, idx: usize, unit: usize, now: Instant) {
-        self.in_flight -= 1;
-        self.events += 1;
-        if self.measuring {
+        self.phase.in_flight -= 1;
+        self.phase.events += 1;
+        if self.phase.measuring {
             self.done += 1;
             self.hist
                 .saturating_record(nanos(now.duration_since(self.sent_at[unit])));
         }
-        if self.running {
+        if self.phase.running {
             self.sent_at[unit] = now;
-            self.in_flight += 1;
+            self.phase.in_flight += 1;
             net.send(idx, &self.frame);
         }
     }
@@ -443,26 +452,19 @@ impl Driver for RoundTrip {
 }
 
 impl Load for RoundTrip {
+    fn phase(&self) -> &Phase {
+        &self.phase
+    }
+    fn phase_mut(&mut self) -> &mut Phase {
+        &mut self.phase
+    }
     fn start(&mut self, net: &mut Net, now: Instant) {
-        self.running = true;
         for unit in 0..self.units {
             let idx = if self.protocol { unit * 2 } else { unit };
             self.sent_at[unit] = now;
-            self.in_flight += 1;
+            self.phase.in_flight += 1;
             net.send(idx, &self.frame);
         }
-    }
-    fn set_measuring(&mut self, on: bool) {
-        self.measuring = on;
-    }
-    fn stop(&mut self) {
-        self.running = false;
-    }
-    fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-    fn progress(&self) -> u64 {
-        self.events
     }
 }
 
@@ -490,12 +492,9 @@ pub fn round_trip(target: &Target, size: usize, conns: usize, settings: &Setting
         sent_at: vec![Instant::now(); units],
         units,
         welcomed: 0,
-        running: false,
-        measuring: false,
-        in_flight: 0,
+        phase: Phase::default(),
         hist: histogram(),
         done: 0,
-        events: 0,
         acks: 0,
         problems: Problems::default(),
     };
@@ -519,11 +518,11 @@ pub fn round_trip(target: &Target, size: usize, conns: usize, settings: &Setting
     result.stall_ms = window.stall_ms;
     result.stall_state = window.stall_state.clone();
     result.latencies(&rt.hist);
-    if rt.in_flight > 0 {
-        rt.problems.count += rt.in_flight as u64;
+    if rt.phase.in_flight > 0 {
+        rt.problems.count += rt.phase.in_flight as u64;
         rt.problems
             .first
-            .get_or_insert_with(|| format!("{} round trips never completed", rt.in_flight));
+            .get_or_insert_with(|| format!("{} round trips never completed", rt.phase.in_flight));
     }
     close_all(&mut net, &mut rt);
     finish(&net, &rt.problems, &mut result);
@@ -541,12 +540,9 @@ struct FanOut {
     sent_at: Vec<Instant>,
     remaining: Vec<usize>,
     welcomed: usize,
-    running: bool,
-    measuring: bool,
-    in_flight: usize,
+    phase: Phase,
     hist: Histogram<u64>,
     deliveries: u64,
-    events: u64,
     sends: u64,
     problems: Problems,
 }
@@ -558,16 +554,16 @@ impl Driver for FanOut {
         let user = idx / self.k;
         match kind(payload) {
             "message" if !idx.is_multiple_of(self.k) && payload.ends_with(&self.tail) => {
-                if self.measuring {
+                if self.phase.measuring {
                     self.deliveries += 1;
                     self.hist
                         .saturating_record(nanos(now.duration_since(self.sent_at[user])));
                 }
-                self.events += 1;
+                self.phase.events += 1;
                 self.remaining[user] -= 1;
                 if self.remaining[user] == 0 {
-                    self.in_flight -= 1;
-                    if self.running {
+                    self.phase.in_flight -= 1;
+                    if self.phase.running {
                         self.send(net, user, now);
                     }
                 }
@@ -583,8 +579,8 @@ impl FanOut {
     fn send(&mut self, net: &mut Net, user: usize, now: Instant) {
         self.sent_at[user] = now;
         self.remaining[user] = self.k - 1;
-        self.in_flight += 1;
-        if self.measuring {
+        self.phase.in_flight += 1;
+        if self.phase.measuring {
             self.sends += 1;
         }
         net.send(user * self.k, &self.frame);
@@ -592,23 +588,16 @@ impl FanOut {
 }
 
 impl Load for FanOut {
+    fn phase(&self) -> &Phase {
+        &self.phase
+    }
+    fn phase_mut(&mut self) -> &mut Phase {
+        &mut self.phase
+    }
     fn start(&mut self, net: &mut Net, now: Instant) {
-        self.running = true;
         for user in 0..self.remaining.len() {
             self.send(net, user, now);
         }
-    }
-    fn set_measuring(&mut self, on: bool) {
-        self.measuring = on;
-    }
-    fn stop(&mut self) {
-        self.running = false;
-    }
-    fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-    fn progress(&self) -> u64 {
-        self.events
     }
 }
 
@@ -630,12 +619,9 @@ pub fn fan_out(target: &Target, users: usize, k: usize, settings: &Settings) -> 
         sent_at: vec![Instant::now(); users],
         remaining: vec![0; users],
         welcomed: 0,
-        running: false,
-        measuring: false,
-        in_flight: 0,
+        phase: Phase::default(),
         hist: histogram(),
         deliveries: 0,
-        events: 0,
         sends: 0,
         problems: Problems::default(),
     };
@@ -662,11 +648,11 @@ pub fn fan_out(target: &Target, users: usize, k: usize, settings: &Settings) -> 
     result
         .extra
         .push(("sends_per_s", fan.sends as f64 / window.elapsed));
-    if fan.in_flight > 0 {
-        fan.problems.count += fan.in_flight as u64;
+    if fan.phase.in_flight > 0 {
+        fan.problems.count += fan.phase.in_flight as u64;
         fan.problems
             .first
-            .get_or_insert_with(|| format!("{} fan-outs never completed", fan.in_flight));
+            .get_or_insert_with(|| format!("{} fan-outs never completed", fan.phase.in_flight));
     }
     close_all(&mut net, &mut fan);
     finish(&net, &fan.problems, &mut result);
@@ -685,13 +671,10 @@ struct Publish {
     tail: Vec<u8>,
     welcomed: usize,
     http_open: usize,
-    running: bool,
-    measuring: bool,
-    in_flight: usize,
+    phase: Phase,
     hist: Histogram<u64>,
     deliveries: u64,
     publishes: u64,
-    events: u64,
     misses: u64,
     problems: Problems,
 }
@@ -709,7 +692,7 @@ impl Publish {
         let r = self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d);
         let user = (r >> 33) as usize % self.requests.len();
         self.sent_at[idx - self.ws_conns] = now;
-        self.in_flight += 1;
+        self.phase.in_flight += 1;
         net.send(idx, &self.requests[user]);
     }
 }
@@ -724,7 +707,7 @@ impl Driver for Publish {
     fn on_frame(&mut self, _net: &mut Net, _idx: usize, _op: u8, payload: &[u8], _now: Instant) {
         match kind(payload) {
             "message" if payload.ends_with(&self.tail) => {
-                if self.measuring {
+                if self.phase.measuring {
                     self.deliveries += 1;
                 }
             }
@@ -760,14 +743,14 @@ impl Driver for Publish {
         } else if find(body, b"\"delivered\":2").is_none() {
             self.misses += 1;
         }
-        self.in_flight -= 1;
-        self.events += 1;
-        if self.measuring {
+        self.phase.in_flight -= 1;
+        self.phase.events += 1;
+        if self.phase.measuring {
             self.publishes += 1;
             let sent = self.sent_at[idx - self.ws_conns];
             self.hist.saturating_record(nanos(now.duration_since(sent)));
         }
-        if self.running {
+        if self.phase.running {
             self.publish(net, idx, now);
         }
         end + 4 + length
@@ -775,23 +758,16 @@ impl Driver for Publish {
 }
 
 impl Load for Publish {
+    fn phase(&self) -> &Phase {
+        &self.phase
+    }
+    fn phase_mut(&mut self) -> &mut Phase {
+        &mut self.phase
+    }
     fn start(&mut self, net: &mut Net, now: Instant) {
-        self.running = true;
         for i in 0..self.sent_at.len() {
             self.publish(net, self.ws_conns + i, now);
         }
-    }
-    fn set_measuring(&mut self, on: bool) {
-        self.measuring = on;
-    }
-    fn stop(&mut self) {
-        self.running = false;
-    }
-    fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-    fn progress(&self) -> u64 {
-        self.events
     }
 }
 
@@ -830,13 +806,10 @@ pub fn publish(target: &Target, users: usize, clients: usize, settings: &Setting
         tail: message_tail(&data),
         welcomed: 0,
         http_open: 0,
-        running: false,
-        measuring: false,
-        in_flight: 0,
+        phase: Phase::default(),
         hist: histogram(),
         deliveries: 0,
         publishes: 0,
-        events: 0,
         misses: 0,
         problems: Problems::default(),
     };
@@ -898,15 +871,13 @@ pub fn publish(target: &Target, users: usize, clients: usize, settings: &Setting
 struct Handshakes<'r> {
     requests: &'r [Vec<u8>],
     next: usize,
-    awaiting: usize,
     window: usize,
     sources: usize,
     dst: SocketAddr,
-    running: bool,
-    measuring: bool,
+    /// `in_flight` counts connections awaiting their welcome.
+    phase: Phase,
     hist: Histogram<u64>,
     done: u64,
-    events: u64,
     last_done: Instant,
     exhausted: Option<Instant>,
     problems: Problems,
@@ -914,7 +885,7 @@ struct Handshakes<'r> {
 
 impl Handshakes<'_> {
     fn refill(&mut self, net: &mut Net) {
-        while self.running && self.awaiting < self.window {
+        while self.phase.running && self.phase.in_flight < self.window {
             if self.next == self.requests.len() {
                 self.exhausted.get_or_insert_with(Instant::now);
                 return;
@@ -923,7 +894,7 @@ impl Handshakes<'_> {
             match net.connect(src, self.dst, Some(&self.requests[self.next])) {
                 Ok(_) => {
                     self.next += 1;
-                    self.awaiting += 1;
+                    self.phase.in_flight += 1;
                 }
                 Err(e) => {
                     self.problems.add("connect", e.to_string().as_bytes());
@@ -942,9 +913,9 @@ impl Driver for Handshakes<'_> {
             self.problems.add("expected welcome", payload);
             return;
         }
-        self.awaiting -= 1;
-        self.events += 1;
-        if self.measuring {
+        self.phase.in_flight -= 1;
+        self.phase.events += 1;
+        if self.phase.measuring {
             self.done += 1;
             self.last_done = now;
             let started = net.conns[idx].started;
@@ -958,28 +929,21 @@ impl Driver for Handshakes<'_> {
     fn on_gone(&mut self, net: &mut Net, _idx: usize, clean: bool) {
         if !clean {
             // Failed before its welcome.
-            self.awaiting -= 1;
+            self.phase.in_flight -= 1;
             self.refill(net);
         }
     }
 }
 
 impl Load for Handshakes<'_> {
+    fn phase(&self) -> &Phase {
+        &self.phase
+    }
+    fn phase_mut(&mut self) -> &mut Phase {
+        &mut self.phase
+    }
     fn start(&mut self, net: &mut Net, _now: Instant) {
-        self.running = true;
         self.refill(net);
-    }
-    fn set_measuring(&mut self, on: bool) {
-        self.measuring = on;
-    }
-    fn stop(&mut self) {
-        self.running = false;
-    }
-    fn in_flight(&self) -> usize {
-        self.awaiting
-    }
-    fn progress(&self) -> u64 {
-        self.events
     }
 }
 
@@ -1013,27 +977,24 @@ pub fn handshakes(target: &Target, pool: &[Vec<u8>], settings: &Settings) -> Run
     let mut hs = Handshakes {
         requests: pool,
         next: 0,
-        awaiting: 0,
         window: 8 * sources,
         sources,
         dst: target.proc.addr,
-        running: false,
-        measuring: false,
+        phase: Phase::default(),
         hist: histogram(),
         done: 0,
-        events: 0,
         last_done: Instant::now(),
         exhausted: None,
         problems: Problems::default(),
     };
     let window = run_phases(&mut net, &mut hs, target.proc.pid, settings);
     let t0 = window.t0;
-    if hs.awaiting > 0 {
-        hs.problems.count += hs.awaiting as u64;
+    if hs.phase.in_flight > 0 {
+        hs.problems.count += hs.phase.in_flight as u64;
         hs.problems.first.get_or_insert_with(|| {
             format!(
                 "{} handshakes unanswered 2 s after the window ({})",
-                hs.awaiting,
+                hs.phase.in_flight,
                 net.snapshot()
             )
         });
