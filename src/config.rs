@@ -198,10 +198,6 @@ pub struct Limits {
     /// glommio's own default, 100 ms, lets one flooding client delay
     /// everyone else on the shard, and a hand-off wait, by that much.
     pub preempt_timer: Duration,
-    /// How long an idle shard polls its rings before it sleeps (default
-    /// zero: at once). Spinning trades CPU time for the system calls and
-    /// wake-up latency of sleeping between messages.
-    pub spin_before_park: Duration,
     /// How often a mailbox is looked at even without a wake-up (default
     /// 10 ms): a guard against glommio losing a cross-thread wake-up, which
     /// would otherwise leave a hand-off or an API reply waiting.
@@ -228,7 +224,6 @@ impl Default for Limits {
             jwt_leeway_secs: 30,
             mailbox_recheck: Duration::from_millis(10),
             preempt_timer: Duration::from_millis(1),
-            spin_before_park: Duration::ZERO,
             max_handshakes: 4096,
             max_handshakes_per_peer: 64,
             max_json_depth: 32,

@@ -69,15 +69,11 @@ impl ExecutorThread {
     ///   not use it;
     /// - `preempt_timer`: how long tasks may run before the executor looks
     ///   at its rings again. glommio's default (100 ms) lets a busy socket
-    ///   delay every other socket's wake-ups by that much;
-    /// - `spin_before_park`: how long an executor with nothing to run polls
-    ///   its rings before it sleeps (zero: it sleeps at once). glommio
-    ///   spins only executors pinned to a CPU.
+    ///   delay every other socket's wake-ups by that much.
     pub fn spawn<T, F>(
         name: &str,
         placement: Placement,
         preempt_timer: Duration,
-        spin_before_park: Duration,
         task: T,
     ) -> std::io::Result<Self>
     where
@@ -89,13 +85,10 @@ impl ExecutorThread {
         let handle = std::thread::Builder::new()
             .name(name.to_owned())
             .spawn(move || {
-                let mut builder = LocalExecutorBuilder::new(placement)
+                let built = LocalExecutorBuilder::new(placement)
                     .io_memory(0)
-                    .preempt_timer(preempt_timer);
-                if !spin_before_park.is_zero() {
-                    builder = builder.spin_before_park(spin_before_park);
-                }
-                let built = builder.make();
+                    .preempt_timer(preempt_timer)
+                    .make();
                 let executor = match built {
                     Ok(executor) => executor,
                     Err(err) => {
@@ -494,7 +487,6 @@ mod tests {
             // No machine has this CPU, so binding to it fails.
             Placement::Fixed(1 << 20),
             Duration::from_millis(1),
-            Duration::ZERO,
             || async {},
         )
         .expect("thread");
@@ -586,7 +578,6 @@ mod tests {
             "kicked",
             Placement::Unbound,
             Duration::from_millis(1),
-            Duration::ZERO,
             move || async move {
                 // Parked in its ring most of this time, so most kicks land
                 // in its wait; the timers must still fire, in order.

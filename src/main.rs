@@ -92,7 +92,8 @@ struct ServeArgs {
     /// with 1008.
     #[arg(long, default_value_t = 200, value_name = "N")]
     abuse_limit: u32,
-    /// Deepest JSON nesting accepted in a client frame.
+    /// Deepest JSON nesting accepted in a client frame. The envelope object
+    /// itself is depth 1, so 0 is taken as 1.
     #[arg(long, default_value_t = 32, value_name = "N")]
     max_json_depth: usize,
     /// Handshakes in progress at once (503 beyond).
@@ -137,12 +138,6 @@ struct ServeArgs {
     /// overhead.
     #[arg(long, default_value_t = 1000, value_name = "US")]
     preempt_timer_us: u64,
-    /// Microseconds an idle shard keeps polling for work before it sleeps
-    /// (0: sleep at once). Lowers latency at light load and costs the
-    /// shard's core that much CPU after every burst; only pinned shards
-    /// spin.
-    #[arg(long, default_value_t = 0, value_name = "US")]
-    spin_before_park_us: u64,
     /// Serve /ws/echo (conformance tests and raw benchmarks).
     #[arg(long)]
     enable_echo: bool,
@@ -333,7 +328,6 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         close_timeout: Duration::from_millis(args.close_timeout_ms),
         drain_timeout: Duration::from_millis(args.drain_timeout_ms),
         preempt_timer: Duration::from_micros(args.preempt_timer_us.max(50)),
-        spin_before_park: Duration::from_micros(args.spin_before_park_us),
         ..Limits::default()
     };
     let config = Config {

@@ -4,8 +4,7 @@
 //! (close 1009, while another user of the same shard keeps being served);
 //! clean closes; refresh (same sub: `refreshed`; anything else: 4001; an
 //! earlier `exp` shortens the connection's life); `/healthz`, `/readyz`,
-//! `/metrics`, unknown paths and oversized heads; the echo endpoint; and a
-//! pinned shard that spins before it sleeps.
+//! `/metrics`, unknown paths and oversized heads; and the echo endpoint.
 
 mod common;
 
@@ -460,32 +459,4 @@ fn the_echo_endpoint_is_404_without_the_flag() {
     let server = Server::builder().shards(2).start();
     let response = upgrade_with(&server, "/ws/echo", Carrier::Header, &token("no-echo"));
     assert_eq!(response.status, 404, "{}", response.text());
-}
-
-#[test]
-fn a_pinned_shard_that_spins_before_sleeping_serves_bursts_and_pauses() {
-    let server = Server::builder()
-        .pinned()
-        .shards(1)
-        .args(["--spin-before-park-us", "200"])
-        .start();
-    let (mut clients, _) = connect_many(&server, "spinner", 2);
-    for i in 0..40u64 {
-        clients[0].send_json(&json!({"type": "send", "id": i, "data": {"n": i}}));
-        let ack = clients[0].recv_type("ack");
-        assert_eq!(ack["id"], i, "ack: {ack}");
-        let message = clients[1].recv_type("message");
-        assert_eq!(message["data"]["n"], i, "message: {message}");
-        assert_eq!(message["seq"], ack["seq"], "{message} / {ack}");
-        if i % 8 == 0 {
-            // Longer than the spin: the shard goes to sleep in between and
-            // must wake for the next frame.
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    let log = server.stop();
-    assert!(
-        log.contains("spin_before_park: 200µs") && log.contains("shard placed shard=0 cpu=Some("),
-        "the setting reaches the shards' configuration:\n{log}"
-    );
 }

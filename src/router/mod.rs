@@ -105,8 +105,6 @@ pub fn spawn(
         "router",
         Placement::Unbound,
         config.limits.preempt_timer,
-        // The router is not pinned, and glommio spins only pinned executors.
-        Duration::ZERO,
         move || async move {
             crate::audit::set_rate(config.limits.audit_per_sec);
             // One queue for every router task. Not latency-sensitive: glommio

@@ -158,7 +158,6 @@ pub fn spawn(
         &format!("shard-{index}"),
         placement,
         config.limits.preempt_timer,
-        config.limits.spin_before_park,
         move || run(index, config, verifier, inbox, reporter),
     )
 }
