@@ -271,22 +271,23 @@ fn watch(executors: &[Watched], stopped: &mpsc::Receiver<()>) {
             *seen = Some(beats);
         }
         if unreported > 0 && last_report.elapsed() >= Duration::from_secs(1) {
-            tracing::info!(
-                kicks = unreported,
-                kicks_total = kicks,
-                "woke stalled executors"
-            );
+            report_kicks(unreported, kicks);
             unreported = 0;
             last_report = Instant::now();
         }
     }
     if unreported > 0 {
-        tracing::info!(
-            kicks = unreported,
-            kicks_total = kicks,
-            "woke stalled executors"
-        );
+        report_kicks(unreported, kicks);
     }
+}
+
+/// At most one log line a second says how many kicks there were.
+fn report_kicks(since_last: u64, total: u64) {
+    tracing::info!(
+        kicks = since_last,
+        kicks_total = total,
+        "woke stalled executors"
+    );
 }
 
 fn kick(thread: libc::pthread_t) {
