@@ -1,7 +1,8 @@
 //! RFC 6455 framing on `/ws` with hand-built frames, which a library client
 //! will not send: frames sent together with the upgrade request are served;
 //! fragmented messages are reassembled (a ping may come in between, UTF-8
-//! may be split across fragments); and each violation closes with its code
+//! may be split across fragments); pings sent together get their pongs,
+//! the latest always among them; and each violation closes with its code
 //! (1002 protocol error, 1007 invalid UTF-8, 1009 too big or too many
 //! fragments) while another user of the same shard keeps being served.
 
@@ -66,6 +67,58 @@ fn a_fragmented_message_is_reassembled_around_a_ping() {
         json!({ "type": "ack", "id": 5, "epoch": epoch, "seq": 1 })
     );
     assert_eq!(sibling[0].recv_json()["data"], "caf\u{e9}!");
+}
+
+#[test]
+fn pings_written_together_get_their_pongs_and_the_latest_always_one() {
+    let server = Server::builder().shards(2).start();
+    let mut ws = RawWs::connect_user(&server, "pinger");
+
+    // Ten pings in one write: each gets its own pong, in order.
+    let mut ten = Vec::new();
+    for i in 0..10 {
+        ten.extend(frame(true, OP_PING, format!("ping-{i}").as_bytes()));
+    }
+    ws.send_bytes(&ten);
+    for i in 0..10 {
+        let pong = ws.recv_frame();
+        assert_eq!(pong.opcode, OP_PONG, "pong {i}: {pong:?}");
+        assert_eq!(pong.payload, format!("ping-{i}").into_bytes());
+    }
+
+    // Forty in one write, then a JSON ping: sixteen pongs wait for the
+    // socket at most, and of the rest at least the latest is answered, in
+    // the order sent (possibly after the reply to the JSON ping).
+    let mut forty = Vec::new();
+    for i in 0..40 {
+        forty.extend(frame(true, OP_PING, format!("more-{i}").as_bytes()));
+    }
+    let done = json!({ "type": "ping", "id": "done" }).to_string();
+    forty.extend(frame(true, OP_TEXT, done.as_bytes()));
+    ws.send_bytes(&forty);
+    let mut answered = Vec::new();
+    let mut replied = false;
+    while !(replied && answered.last() == Some(&39)) {
+        let next = ws.recv_frame();
+        if next.opcode == OP_TEXT {
+            let value: serde_json::Value = serde_json::from_slice(&next.payload).unwrap();
+            assert_eq!(value, json!({ "type": "pong", "id": "done" }));
+            replied = true;
+            continue;
+        }
+        assert_eq!(next.opcode, OP_PONG, "{next:?}");
+        let text = String::from_utf8(next.payload).unwrap();
+        let n: usize = text.strip_prefix("more-").unwrap().parse().unwrap();
+        answered.push(n);
+    }
+    assert!(answered.windows(2).all(|w| w[0] < w[1]), "{answered:?}");
+    assert!(
+        answered.starts_with(&(0..16).collect::<Vec<_>>()),
+        "{answered:?}"
+    );
+    assert!(answered.len() < 40, "every ping answered: {answered:?}");
+    // Nothing else was pending: the next frame answers the next request.
+    ws.expect_alive();
 }
 
 #[test]

@@ -19,7 +19,7 @@ use std::time::Instant;
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::panic::AssertUnwindSafe;
 
 use super::Shard;
@@ -60,11 +60,18 @@ pub struct Connection {
     /// False once decoding stopped mid-input (a violation, or a frame that
     /// ended the connection): the byte stream can no longer be followed.
     in_sync: bool,
-    /// A pong is queued and not yet written. Pings that arrive meanwhile get
-    /// no pong of their own (RFC 6455 §5.5.3 allows answering only the
-    /// latest), so a ping flood cannot fill the outbox.
-    pong_pending: Cell<bool>,
+    /// Pongs queued since the outbox was last empty (see `answer_ping`).
+    pongs_queued: Cell<usize>,
+    /// The payload of the latest ping not answered yet because
+    /// `PONGS_QUEUED_MAX` pongs were waiting; `None` when there is none.
+    late_pong: RefCell<Option<Vec<u8>>>,
 }
+
+/// Pongs one connection may have queued and unwritten. Pings beyond them
+/// are answered, once the socket has taken the queued ones, by a single
+/// pong for the latest (RFC 6455 §5.5.3 allows that), so a ping flood from
+/// a client that never reads cannot fill the outbox.
+const PONGS_QUEUED_MAX: usize = 16;
 
 impl Connection {
     pub fn new(
@@ -80,7 +87,8 @@ impl Connection {
             decoder: MessageDecoder::new(),
             accepted_at: Some(accepted_at),
             in_sync: true,
-            pong_pending: Cell::new(false),
+            pongs_queued: Cell::new(0),
+            late_pong: RefCell::new(None),
         }
     }
 
@@ -99,8 +107,10 @@ impl Connection {
             None => self.open_phase(&mut stream).await,
         };
 
-        // From here on the connection receives nothing more from its user.
+        // From here on the connection receives nothing more from its user,
+        // and nothing but the Close follows what is queued.
         self.shard.forget(&self.handle);
+        self.late_pong.get_mut().take();
         match ending {
             Ending::Gone => {}
             Ending::PeerClosed(code) => {
@@ -211,21 +221,37 @@ impl Connection {
         }
 
         // Write: one send() for everything queued since the last one.
-        while !outbox.buf.is_empty() {
-            match Pin::new(&mut *stream).poll_write(cx, &outbox.buf) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Eof),
-                Poll::Ready(Ok(n)) => {
-                    outbox.consume(n);
-                    if let Some(accepted_at) = self.accepted_at.take() {
-                        self.shard.record_handoff_latency(accepted_at.elapsed());
+        loop {
+            while !outbox.buf.is_empty() {
+                match Pin::new(&mut *stream).poll_write(cx, &outbox.buf) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Eof),
+                    Poll::Ready(Ok(n)) => {
+                        outbox.consume(n);
+                        if let Some(accepted_at) = self.accepted_at.take() {
+                            self.shard.record_handoff_latency(accepted_at.elapsed());
+                        }
                     }
+                    Poll::Ready(Err(err)) => return Poll::Ready(IoEvent::Failed(err)),
+                    Poll::Pending => break,
                 }
-                Poll::Ready(Err(err)) => return Poll::Ready(IoEvent::Failed(err)),
-                Poll::Pending => break,
             }
-        }
-        if outbox.buf.is_empty() {
-            self.pong_pending.set(false);
+            if !outbox.buf.is_empty() {
+                break;
+            }
+            self.pongs_queued.set(0);
+            // The socket took every queued pong: now the latest ping that
+            // had to wait gets its answer. A refused push means a close was
+            // requested, and nothing but the Close may follow.
+            let Some(payload) = self.late_pong.borrow_mut().take() else {
+                break;
+            };
+            if outbox
+                .push(OpCode::Pong, &payload, self.shard.outbox_limits())
+                .is_err()
+            {
+                break;
+            }
+            self.pongs_queued.set(1);
         }
         if report_flushed && outbox.buf.is_empty() {
             return Poll::Ready(IoEvent::Flushed);
@@ -282,7 +308,8 @@ impl Connection {
         let shard = &self.shard;
         let handle = &self.handle;
         let endpoint = self.endpoint;
-        let pong_pending = &self.pong_pending;
+        let pongs_queued = &self.pongs_queued;
+        let late_pong = &self.late_pong;
         let limits = shard.message_limits();
         let mut ending = None;
 
@@ -297,11 +324,7 @@ impl Connection {
                     shard.on_echo(handle, OpCode::Binary, bytes)
                 }
                 (Inbound::Ping(payload), _) => {
-                    if pong_pending.replace(true) {
-                        ControlFlow::Continue(())
-                    } else {
-                        shard.reply_frame(handle, OpCode::Pong, payload)
-                    }
+                    answer_ping(shard, handle, pongs_queued, late_pong, payload)
                 }
                 (Inbound::Pong(_), _) => ControlFlow::Continue(()),
                 (Inbound::Close(code, _reason), _) => ControlFlow::Break(Ending::PeerClosed(code)),
@@ -359,6 +382,27 @@ impl Connection {
     fn queue_close(&self, code: u16, reason: &str) {
         self.handle.outbox.borrow_mut().push_close(code, reason);
     }
+}
+
+/// Queues the pong for a ping, or, with `PONGS_QUEUED_MAX` pongs already
+/// waiting for the socket, keeps the ping's payload as the latest one to
+/// answer when they have been written (replacing an earlier one).
+fn answer_ping(
+    shard: &Shard,
+    handle: &ConnectionHandle,
+    pongs_queued: &Cell<usize>,
+    late_pong: &RefCell<Option<Vec<u8>>>,
+    payload: &[u8],
+) -> ControlFlow<Ending> {
+    if pongs_queued.get() < PONGS_QUEUED_MAX {
+        pongs_queued.set(pongs_queued.get() + 1);
+        return shard.reply_frame(handle, OpCode::Pong, payload);
+    }
+    let mut late = late_pong.borrow_mut();
+    let kept = late.get_or_insert_with(Vec::new);
+    kept.clear();
+    kept.extend_from_slice(payload);
+    ControlFlow::Continue(())
 }
 
 /// Lets the shard's other connections run after a read that filled the
