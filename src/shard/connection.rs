@@ -7,24 +7,20 @@
 //! task touches only its own socket, its outbox, and (through the shard) its
 //! own user's manager.
 
+use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
 use std::ops::ControlFlow;
-use std::os::fd::AsRawFd;
-use std::pin::Pin;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
-
-use std::cell::{Cell, RefCell};
-use std::panic::AssertUnwindSafe;
-
 use super::Shard;
 use super::message::Endpoint;
 use super::outbox::ConnectionHandle;
+use super::readiness;
 use crate::ws::codec::{Inbound, MessageDecoder, OpCode};
 
 /// What woke the task.
@@ -93,7 +89,7 @@ impl Connection {
     }
 
     /// Runs the connection to its end. The 101 answer is already queued.
-    pub async fn run(mut self, mut stream: TcpStream, mut early_bytes: Vec<u8>) {
+    pub async fn run(mut self, socket: OwnedFd, mut early_bytes: Vec<u8>) {
         let mut ending = None;
         if !early_bytes.is_empty()
             && let ControlFlow::Break(end) = self.on_bytes(&mut early_bytes)
@@ -104,7 +100,7 @@ impl Connection {
 
         let ending = match ending {
             Some(end) => end,
-            None => self.open_phase(&mut stream).await,
+            None => self.open_phase(&socket).await,
         };
 
         // From here on the connection receives nothing more from its user,
@@ -117,7 +113,7 @@ impl Connection {
                 // RFC 6455 §5.5.1: answer a Close with a Close, echoing the
                 // status code, then close the TCP connection (§7.1.1).
                 self.queue_close(code.unwrap_or(1000), "");
-                self.closing_phase(&mut stream, false).await;
+                self.closing_phase(&socket, false).await;
             }
             Ending::Close(code, reason) => {
                 // RFC 6455 §7.1.2: send Close, then wait for the peer's
@@ -125,15 +121,15 @@ impl Connection {
                 // unread input cannot turn our close into a reset that
                 // destroys the Close frame in flight.
                 self.queue_close(code, reason);
-                self.closing_phase(&mut stream, true).await;
+                self.closing_phase(&socket, true).await;
             }
         }
-        self.shard.connection_closed(&self.handle);
+        self.shard.connection_closed(&self.handle, &socket);
     }
 
-    async fn open_phase(&mut self, stream: &mut TcpStream) -> Ending {
+    async fn open_phase(&mut self, socket: &OwnedFd) -> Ending {
         loop {
-            let event = poll_fn(|cx| self.poll_io(cx, stream, true, false, true)).await;
+            let event = poll_fn(|cx| self.poll_io(cx, socket, true, false, true)).await;
             match event {
                 IoEvent::Read(n) => {
                     let step = {
@@ -161,7 +157,7 @@ impl Connection {
     /// Writes what is queued (the Close last), shuts down the write side and,
     /// when `await_peer`, reads until the peer's Close or FIN, all within the
     /// close timeout.
-    async fn closing_phase(&mut self, stream: &mut TcpStream, await_peer: bool) {
+    async fn closing_phase(&mut self, socket: &OwnedFd, await_peer: bool) {
         let limit = self.shard.config.limits.close_timeout;
         let deadline = Instant::now() + limit;
         let mut flushed = false;
@@ -170,13 +166,13 @@ impl Connection {
                 let read = await_peer && flushed;
                 let stop_when_flushed = !flushed;
                 let event =
-                    poll_fn(|cx| self.poll_io(cx, stream, read, stop_when_flushed, false)).await;
+                    poll_fn(|cx| self.poll_io(cx, socket, read, stop_when_flushed, false)).await;
                 match event {
                     IoEvent::Flushed => {
                         flushed = true;
-                        // SAFETY: shutdown on the descriptor the stream owns
-                        // and keeps open; it only ends our sending side.
-                        unsafe { libc::shutdown(stream.as_raw_fd(), libc::SHUT_WR) };
+                        // SAFETY: shutdown on the descriptor we own and keep
+                        // open; it only ends our sending side.
+                        unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) };
                         if !await_peer {
                             return;
                         }
@@ -210,7 +206,7 @@ impl Connection {
     fn poll_io(
         &mut self,
         cx: &mut Context<'_>,
-        stream: &mut TcpStream,
+        socket: &OwnedFd,
         read: bool,
         report_flushed: bool,
         watch_close: bool,
@@ -221,18 +217,21 @@ impl Connection {
         }
 
         // Write: one send() for everything queued since the last one.
+        let fd = socket.as_raw_fd();
+        let ready = &self.handle.ready;
         loop {
-            while !outbox.buf.is_empty() {
-                match Pin::new(&mut *stream).poll_write(cx, &outbox.buf) {
-                    Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Eof),
-                    Poll::Ready(Ok(n)) => {
+            while !outbox.buf.is_empty() && ready.writable.get() {
+                match readiness::send(fd, &outbox.buf) {
+                    Ok(Some(0)) => return Poll::Ready(IoEvent::Eof),
+                    Ok(Some(n)) => {
                         outbox.consume(n);
                         if let Some(accepted_at) = self.accepted_at.take() {
                             self.shard.record_handoff_latency(accepted_at.elapsed());
                         }
                     }
-                    Poll::Ready(Err(err)) => return Poll::Ready(IoEvent::Failed(err)),
-                    Poll::Pending => break,
+                    // Full: the poller says when there is room again.
+                    Ok(None) => ready.writable.set(false),
+                    Err(err) => return Poll::Ready(IoEvent::Failed(err)),
                 }
             }
             if !outbox.buf.is_empty() {
@@ -271,14 +270,23 @@ impl Connection {
         }
         drop(outbox);
 
-        // Read into the shard's scratch buffer.
-        if read {
+        // Read into the shard's scratch buffer. The flag is cleared first:
+        // input that arrives from now on raises a new event. A read that
+        // fills the buffer leaves more behind, and so does one after a
+        // hang-up (the end is still to be read), so the flag goes back up;
+        // otherwise a shorter read emptied the socket.
+        if read && ready.readable.replace(false) {
             let mut scratch = self.shard.read_buf.borrow_mut();
-            match Pin::new(&mut *stream).poll_read(cx, &mut scratch[..]) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(IoEvent::Eof),
-                Poll::Ready(Ok(n)) => return Poll::Ready(IoEvent::Read(n)),
-                Poll::Ready(Err(err)) => return Poll::Ready(IoEvent::Failed(err)),
-                Poll::Pending => {}
+            match readiness::recv(fd, &mut scratch[..]) {
+                Ok(Some(0)) => return Poll::Ready(IoEvent::Eof),
+                Ok(Some(n)) => {
+                    if n == scratch.len() || ready.hung_up.get() {
+                        ready.readable.set(true);
+                    }
+                    return Poll::Ready(IoEvent::Read(n));
+                }
+                Ok(None) => {}
+                Err(err) => return Poll::Ready(IoEvent::Failed(err)),
             }
         }
         Poll::Pending

@@ -20,19 +20,18 @@ pub mod message;
 pub mod outbox;
 pub mod protocol;
 pub mod rate;
+mod readiness;
 mod traffic;
 pub mod user;
 
 use std::cell::{Cell, RefCell};
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
-use std::os::unix::io::FromRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use ahash::AHashMap;
-use glommio::net::TcpStream;
 use glommio::{Latency, Placement, Shares, TaskQueueHandle};
 
 use crate::auth::Verifier;
@@ -43,6 +42,7 @@ use crate::ws::codec::{MessageLimits, OpCode};
 use connection::Connection;
 use message::{CommandReply, Endpoint, Handoff, ShardMessage};
 use outbox::{ConnectionHandle, OutboxLimits};
+use readiness::Poller;
 use user::UserManager;
 
 /// Test builds only: `data` values that make a shard panic on purpose, in
@@ -134,6 +134,8 @@ pub struct Shard {
     /// Where replies (ack, pong, error) are built.
     reply_buf: RefCell<Vec<u8>>,
     connection_queue: TaskQueueHandle,
+    /// Tells connection tasks when their sockets can be read or written.
+    poller: Poller,
     /// Told when shutdown is complete, so the executor can end.
     finished: RefCell<Option<glommio::channels::local_channel::LocalSender<()>>>,
     /// Mail already waiting, for connection tasks to serve between reads
@@ -182,6 +184,13 @@ async fn run(
         executor.create_task_queue(Shares::default(), Latency::NotImportant, "mailbox");
     let recheck = config.limits.mailbox_recheck;
     let (finished, wait_finished) = glommio::channels::local_channel::new_bounded(1);
+    let poller = match Poller::new() {
+        Ok(poller) => poller,
+        Err(err) => {
+            tracing::error!(shard = index, cause = %err, "cannot create the shard's epoll instance");
+            return;
+        }
+    };
 
     let shard = Rc::new(Shard {
         index,
@@ -200,6 +209,7 @@ async fn run(
         encode_buf: RefCell::new(Vec::new()),
         reply_buf: RefCell::new(Vec::new()),
         connection_queue,
+        poller,
         finished: RefCell::new(Some(finished)),
         waiting_mail: RefCell::new(Some(inbox.peek())),
         config,
@@ -211,6 +221,10 @@ async fn run(
         async move { sweeper.housekeeping().await },
         connection_queue,
     ) {
+        task.detach();
+    }
+
+    if let Ok(task) = glommio::spawn_local_into(Poller::drive(shard.clone()), connection_queue) {
         task.detach();
     }
 
@@ -394,11 +408,12 @@ impl Shard {
             return;
         }
 
-        // Adopt the socket into this executor.
-        // SAFETY: the descriptor comes from an OwnedFd that is consumed here,
-        // so this stream becomes its only owner.
-        let stream = unsafe { TcpStream::from_raw_fd(handoff.socket.into_raw_fd()) };
         let id = self.next_conn.get() * self.shard_count as u64 + self.index as u64;
+        if let Err(err) = self.poller.register(handoff.socket.as_raw_fd(), id) {
+            tracing::error!(shard = self.index, cause = %err, "cannot watch the socket");
+            refuse(handoff.socket, 503, &[]);
+            return;
+        }
         self.next_conn.set(self.next_conn.get() + 1);
         let echo = handoff.endpoint == Endpoint::Echo;
         let claims = &handoff.claims;
@@ -436,7 +451,7 @@ impl Shard {
         let connection =
             Connection::new(self.clone(), handle, handoff.endpoint, handoff.accepted_at);
         let task = glommio::spawn_local_into(
-            connection.run(stream, handoff.early_bytes),
+            connection.run(handoff.socket, handoff.early_bytes),
             self.connection_queue,
         );
         if let Err(err) = task.map(|task| task.detach()) {
@@ -498,8 +513,9 @@ impl Shard {
         }
     }
 
-    /// Called by a connection's task as it ends.
-    pub fn connection_closed(&self, handle: &ConnectionHandle) {
+    /// Called by a connection's task as it ends, before its socket closes.
+    pub fn connection_closed(&self, handle: &ConnectionHandle, socket: &OwnedFd) {
+        self.poller.deregister(socket.as_raw_fd());
         self.connections.borrow_mut().remove(&handle.id);
         let count = if handle.echo {
             &self.echo_connections
@@ -507,6 +523,31 @@ impl Shard {
             &self.protocol_connections
         };
         count.set(count.get().saturating_sub(1));
+    }
+
+    /// The poller saw `events` on connection `id`'s socket: marks what it
+    /// can do now and wakes its task when that is news.
+    fn socket_ready(&self, id: u64, events: u32) {
+        let connections = self.connections.borrow();
+        let Some(handle) = connections.get(&id) else {
+            // Closed meanwhile, or not adopted yet (its flags start set).
+            return;
+        };
+        let ready = &handle.ready;
+        let failed = (libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        let mut news = false;
+        if events & (libc::EPOLLRDHUP as u32 | failed) != 0 {
+            ready.hung_up.set(true);
+        }
+        if events & ((libc::EPOLLIN | libc::EPOLLRDHUP) as u32 | failed) != 0 {
+            news |= !ready.readable.replace(true);
+        }
+        if events & (libc::EPOLLOUT as u32 | failed) != 0 {
+            news |= !ready.writable.replace(true);
+        }
+        if news {
+            handle.outbox.borrow_mut().wake();
+        }
     }
 
     /// Records the time from accept to the 101 leaving the shard.

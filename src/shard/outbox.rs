@@ -11,6 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::task::Waker;
 
+use super::readiness::SocketReady;
 use crate::ws::codec::{self, OpCode};
 
 /// The identity and output side of one open WebSocket connection.
@@ -42,6 +43,9 @@ pub struct ConnectionHandle {
     /// their user's manager).
     pub bucket: RefCell<Option<super::rate::TokenBucket>>,
     pub outbox: RefCell<Outbox>,
+    /// Whether the socket may be read or written now, kept by the shard's
+    /// poller; the task waits on the outbox's waker for both.
+    pub ready: SocketReady,
 }
 
 impl ConnectionHandle {
@@ -70,6 +74,7 @@ impl ConnectionHandle {
             limited_at_ms: Cell::new(0),
             bucket: RefCell::new(None),
             outbox: RefCell::new(Outbox::default()),
+            ready: SocketReady::default(),
         })
     }
 
