@@ -204,3 +204,113 @@ fn without_blocking(mut call: impl FnMut() -> isize) -> io::Result<Option<usize>
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::net::{Shutdown, TcpListener, TcpStream as StdTcpStream};
+
+    fn loopback_pair() -> (StdTcpStream, StdTcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = StdTcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
+
+    /// Loopback delivers within the sender's system call, unless the
+    /// kernel defers its softirq work; this leaves room for that.
+    fn settle() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    /// Events waiting on the poller now, as (connection id, events).
+    fn collect(poller: &Poller) -> Vec<(u64, u32)> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 8];
+        // SAFETY: the buffer holds 8 entries.
+        let n = unsafe { libc::epoll_wait(poller.epoll.as_raw_fd(), events.as_mut_ptr(), 8, 0) };
+        assert!(n >= 0, "{}", io::Error::last_os_error());
+        events[..n as usize]
+            .iter()
+            .map(|e| (e.u64, e.events))
+            .collect()
+    }
+
+    #[test]
+    fn would_block_is_none_and_bytes_are_counted() {
+        let (mut client, server) = loopback_pair();
+        let fd = server.as_raw_fd();
+        let mut buf = [0u8; 64];
+        assert_eq!(recv(fd, &mut buf).unwrap(), None);
+        client.write_all(b"hello").unwrap();
+        settle();
+        assert_eq!(recv(fd, &mut buf).unwrap(), Some(5));
+        assert_eq!(&buf[..5], b"hello");
+
+        // Writing to a peer that never reads ends in a full buffer.
+        let chunk = vec![7u8; 64 * 1024];
+        let mut full = false;
+        for _ in 0..10_000 {
+            if send(fd, &chunk).unwrap().is_none() {
+                full = true;
+                break;
+            }
+        }
+        assert!(full, "the send buffer never filled");
+    }
+
+    #[test]
+    fn events_carry_the_connection_id_and_come_once_per_change() {
+        let poller = Poller::new().unwrap();
+        let (mut client, server) = loopback_pair();
+        poller.register(server.as_raw_fd(), 42).unwrap();
+        settle();
+
+        // Registering reports the current state once: writable.
+        let first = collect(&poller);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].0, 42);
+        assert!(first[0].1 & libc::EPOLLOUT as u32 != 0);
+        assert!(collect(&poller).is_empty(), "edge-triggered: reported once");
+
+        client.write_all(b"x").unwrap();
+        settle();
+        let input = collect(&poller);
+        assert_eq!(input.len(), 1);
+        assert!(input[0].1 & libc::EPOLLIN as u32 != 0);
+        assert!(collect(&poller).is_empty());
+
+        poller.deregister(server.as_raw_fd());
+        client.write_all(b"y").unwrap();
+        settle();
+        assert!(collect(&poller).is_empty(), "no events after deregister");
+    }
+
+    /// Why a read after a hang-up keeps the socket marked readable: data
+    /// and FIN that arrive before the events are collected make a single
+    /// edge, the read returns only the data, and no new edge announces the
+    /// end of stream still to be read.
+    #[test]
+    fn data_and_fin_together_raise_one_edge() {
+        let poller = Poller::new().unwrap();
+        let (mut client, server) = loopback_pair();
+        poller.register(server.as_raw_fd(), 1).unwrap();
+        collect(&poller);
+
+        client.write_all(b"last words").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        settle();
+        let events = collect(&poller);
+        assert_eq!(events.len(), 1);
+        assert!(
+            events[0].1 & libc::EPOLLRDHUP as u32 != 0,
+            "{:#x}",
+            events[0].1
+        );
+
+        let mut buf = [0u8; 64];
+        assert_eq!(recv(server.as_raw_fd(), &mut buf).unwrap(), Some(10));
+        assert!(collect(&poller).is_empty(), "no second edge for the FIN");
+        assert_eq!(recv(server.as_raw_fd(), &mut buf).unwrap(), Some(0));
+    }
+}
