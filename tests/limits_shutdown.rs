@@ -11,6 +11,9 @@
 //!   status 0 within the drain and close timeouts;
 //! - `/metrics` on the private address answers promptly while a shard is
 //!   still draining;
+//! - a client that keeps sending while it reads slowly gets what was queued
+//!   at the signal, its refusals, and Close 1001 long before the drain
+//!   timeout: replies to frames sent after the signal do not stretch it;
 //! - the exit status is 0.
 
 mod common;
@@ -302,4 +305,126 @@ fn metrics_answer_promptly_while_one_shard_still_drains() {
         "the server did not exit"
     );
     drop(stuck);
+}
+
+#[test]
+fn a_client_that_keeps_sending_cannot_stretch_the_drain() {
+    let drain = Duration::from_secs(20);
+    let mut server = Server::builder()
+        .shards(2)
+        .args([
+            "--drain-timeout-ms",
+            "20000",
+            "--rate-limit",
+            "0",
+            "--outbound-queue-messages",
+            "1000000",
+            "--outbound-queue-bytes",
+            "268435456",
+        ])
+        .start();
+    let user = user_on_shard(&server, "chatty", 0, &[]);
+    let bystander = user_on_shard(&server, "chatty", 0, &[&user]);
+    let (mut bystander, _) = connect_user(&server, &bystander);
+    let stream = tcp_connect_from(server.addr(), None, Some(4096));
+    let mut chatty = RawWs::upgrade_on(stream, "/ws", &token(&user));
+    assert_eq!(chatty.recv_json()["type"], "welcome");
+    let socket = chatty.stream().try_clone().expect("clone the socket");
+
+    // A writer that never stops on its own: 64 sends every 5 ms, each with
+    // a long id that every reply repeats, until the socket is shut down
+    // (or 60 s, so the test cannot hang on it).
+    let mut writer = chatty.stream().try_clone().expect("clone the socket");
+    let id = "i".repeat(250);
+    let send = json!({ "type": "send", "id": id, "data": "chatter" }).to_string();
+    let batch = frame(true, OP_TEXT, send.as_bytes()).repeat(64);
+    let flood = std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while started.elapsed() < Duration::from_secs(60) {
+            if writer.write_all(&batch).is_err() {
+                break;
+            }
+            sent += 64;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sent
+    });
+
+    // Nothing read until replies wait in the server itself, past the
+    // kernel's buffers (more than the 64 a batch leaves there for a
+    // moment); then the signal.
+    let backed_up = poll(Duration::from_secs(20), || {
+        metric(server.api_addr(), &queued_series(0)) >= Some(500.0)
+    });
+    assert!(backed_up, "replies never backed up in the server");
+    let term = Instant::now();
+    server.signal(libc::SIGTERM);
+
+    // Then a reader slower than the writer (a frame per 200 us at most), so
+    // `unavailable` replies pile up behind what was queued at the signal:
+    // the outbox is never empty again. Once the drain has ended it reads
+    // at full speed, to the Close.
+    let hurry = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hurried = hurry.clone();
+    let reader = std::thread::spawn(move || {
+        let mut replies = [0u64; 2];
+        loop {
+            let mut head = [0u8; 2];
+            if chatty.stream().read_exact(&mut head).is_err() || head[0] & 0x0f == OP_CLOSE {
+                return replies;
+            }
+            let frame = {
+                // Short frames only (acks and errors), so the length fits
+                // in the 16-bit form.
+                let mut len = [0u8; 2];
+                if head[1] & 0x7f == 126 && chatty.stream().read_exact(&mut len).is_err() {
+                    return replies;
+                }
+                let n = match head[1] & 0x7f {
+                    126 => u16::from_be_bytes(len) as usize,
+                    n => n as usize,
+                };
+                let mut payload = vec![0u8; n];
+                if chatty.stream().read_exact(&mut payload).is_err() {
+                    return replies;
+                }
+                payload
+            };
+            let reply: Value = serde_json::from_slice(&frame).expect("JSON reply");
+            match reply["code"].as_str() {
+                None => replies[0] += 1,
+                Some(code) => {
+                    assert_eq!(code, "unavailable", "{reply}");
+                    replies[1] += 1;
+                }
+            }
+            if !hurried.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    });
+
+    // The drain ends when what was queued at the signal has been written;
+    // every connection of the shard is closed then.
+    bystander.expect_close_within(1001, drain);
+    let drained = term.elapsed();
+    hurry.store(true, std::sync::atomic::Ordering::Relaxed);
+    let replies = reader.join().expect("reader thread");
+    let _ = socket.shutdown(std::net::Shutdown::Both);
+    let sent = flood.join().expect("writer thread");
+    println!(
+        "chatty client: {sent} sends, {} acks and {} refusals read; the drain ended \
+         {drained:?} after SIGTERM",
+        replies[0], replies[1]
+    );
+    assert!(replies[1] > 0, "no send was refused during the drain");
+    assert!(
+        drained < drain / 2,
+        "the drain lasted {drained:?}: replies to frames sent after the signal kept it going"
+    );
+    let status = server
+        .wait_exit(Duration::from_secs(15))
+        .expect("the server should exit after draining");
+    assert!(status.success(), "exit status {status:?}");
 }

@@ -101,10 +101,22 @@ impl Shard {
         let limits = &self.config.limits;
         let step = Duration::from_millis(10);
 
+        // What is queued now is what the drain owes: replies to frames that
+        // keep arriving (refused sends, pongs) do not stretch it.
+        let owed: Vec<(Rc<ConnectionHandle>, u64)> = self
+            .connections
+            .borrow()
+            .values()
+            .map(|conn| {
+                let outbox = conn.outbox.borrow();
+                (conn.clone(), outbox.written + outbox.buf.len() as u64)
+            })
+            .collect();
         let drain_deadline = Instant::now() + limits.drain_timeout;
-        while Instant::now() < drain_deadline && self.anything_queued() {
+        while Instant::now() < drain_deadline && self.still_owed(&owed) {
             glommio::timer::sleep(step).await;
         }
+        drop(owed);
 
         let connections: Vec<Rc<ConnectionHandle>> =
             self.connections.borrow().values().cloned().collect();
@@ -133,11 +145,11 @@ impl Shard {
         }
     }
 
-    fn anything_queued(&self) -> bool {
-        self.connections
-            .borrow()
-            .values()
-            .any(|conn| !conn.outbox.borrow().buf.is_empty())
+    /// Whether a connection still open has not yet written all it owes.
+    fn still_owed(&self, owed: &[(Rc<ConnectionHandle>, u64)]) -> bool {
+        let open = self.connections.borrow();
+        owed.iter()
+            .any(|(conn, upto)| open.contains_key(&conn.id) && conn.outbox.borrow().written < *upto)
     }
 
     /// After a panic while handling `handle`'s input: if the user's manager

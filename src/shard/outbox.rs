@@ -127,6 +127,8 @@ pub struct Outbox {
     pub close: Option<CloseRequest>,
     /// Drop the socket without a close handshake.
     pub abort: bool,
+    /// Bytes the socket has taken from this outbox so far.
+    pub written: u64,
 }
 
 /// Capacity kept after the buffer drains; larger buffers are released so an
@@ -166,6 +168,7 @@ impl Outbox {
 
     /// Drops `n` written bytes from the front.
     pub fn consume(&mut self, n: usize) {
+        self.written += n.min(self.buf.len()) as u64;
         if n >= self.buf.len() {
             self.buf.clear();
             self.frames = 0;
