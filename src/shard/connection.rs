@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
 use std::io;
 use std::ops::ControlFlow;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::Shard;
 use super::message::Endpoint;
-use super::outbox::ConnectionHandle;
+use super::outbox::{ConnectionHandle, Outbox};
 use super::readiness;
 use crate::ws::codec::{Inbound, MessageDecoder, OpCode};
 
@@ -52,7 +52,7 @@ pub struct Connection {
     endpoint: Endpoint,
     decoder: MessageDecoder,
     /// Accept time, until the 101 has been written.
-    accepted_at: Option<Instant>,
+    accepted_at: Cell<Option<Instant>>,
     /// False once decoding stopped mid-input (a violation, or a frame that
     /// ended the connection): the byte stream can no longer be followed.
     in_sync: bool,
@@ -81,7 +81,7 @@ impl Connection {
             handle,
             endpoint,
             decoder: MessageDecoder::new(),
-            accepted_at: Some(accepted_at),
+            accepted_at: Cell::new(Some(accepted_at)),
             in_sync: true,
             pongs_queued: Cell::new(0),
             late_pong: RefCell::new(None),
@@ -216,41 +216,9 @@ impl Connection {
             return Poll::Ready(IoEvent::Abort);
         }
 
-        // Write: one send() for everything queued since the last one.
         let fd = socket.as_raw_fd();
-        let ready = &self.handle.ready;
-        loop {
-            while !outbox.buf.is_empty() && ready.writable.get() {
-                match readiness::send(fd, &outbox.buf) {
-                    Ok(Some(0)) => return Poll::Ready(IoEvent::Eof),
-                    Ok(Some(n)) => {
-                        outbox.consume(n);
-                        if let Some(accepted_at) = self.accepted_at.take() {
-                            self.shard.record_handoff_latency(accepted_at.elapsed());
-                        }
-                    }
-                    // Full: the poller says when there is room again.
-                    Ok(None) => ready.writable.set(false),
-                    Err(err) => return Poll::Ready(IoEvent::Failed(err)),
-                }
-            }
-            if !outbox.buf.is_empty() {
-                break;
-            }
-            self.pongs_queued.set(0);
-            // The socket took every queued pong: now the latest ping that
-            // had to wait gets its answer. A refused push means a close was
-            // requested, and nothing but the Close may follow.
-            let Some(payload) = self.late_pong.borrow_mut().take() else {
-                break;
-            };
-            if outbox
-                .push(OpCode::Pong, &payload, self.shard.outbox_limits())
-                .is_err()
-            {
-                break;
-            }
-            self.pongs_queued.set(1);
+        if let Err(event) = self.write_queued(&mut outbox, fd) {
+            return Poll::Ready(event);
         }
         if report_flushed && outbox.buf.is_empty() {
             return Poll::Ready(IoEvent::Flushed);
@@ -270,26 +238,75 @@ impl Connection {
         }
         drop(outbox);
 
-        // Read into the shard's scratch buffer. The flag is cleared first:
-        // input that arrives from now on raises a new event. A read that
-        // fills the buffer leaves more behind, and so does one after a
-        // hang-up (the end is still to be read), so the flag goes back up;
-        // otherwise a shorter read emptied the socket.
-        if read && ready.readable.replace(false) {
-            let mut scratch = self.shard.read_buf.borrow_mut();
-            match readiness::recv(fd, &mut scratch[..]) {
-                Ok(Some(0)) => return Poll::Ready(IoEvent::Eof),
-                Ok(Some(n)) => {
-                    if n == scratch.len() || ready.hung_up.get() {
-                        ready.readable.set(true);
-                    }
-                    return Poll::Ready(IoEvent::Read(n));
-                }
-                Ok(None) => {}
-                Err(err) => return Poll::Ready(IoEvent::Failed(err)),
-            }
+        if read && let Some(event) = self.read_ready(fd) {
+            return Poll::Ready(event);
         }
         Poll::Pending
+    }
+
+    /// Writes what the outbox holds, one send() for everything queued since
+    /// the last one, as far as the socket takes it; then, once it is all
+    /// out, the pong kept for the latest ping (see `answer_ping`). Fails
+    /// with the event that ends the connection.
+    fn write_queued(&self, outbox: &mut Outbox, fd: RawFd) -> Result<(), IoEvent> {
+        let ready = &self.handle.ready;
+        loop {
+            while !outbox.buf.is_empty() && ready.writable.get() {
+                match readiness::send(fd, &outbox.buf) {
+                    Ok(Some(0)) => return Err(IoEvent::Eof),
+                    Ok(Some(n)) => {
+                        outbox.consume(n);
+                        if let Some(accepted_at) = self.accepted_at.take() {
+                            self.shard.record_handoff_latency(accepted_at.elapsed());
+                        }
+                    }
+                    // Full: the poller says when there is room again.
+                    Ok(None) => ready.writable.set(false),
+                    Err(err) => return Err(IoEvent::Failed(err)),
+                }
+            }
+            if !outbox.buf.is_empty() {
+                return Ok(());
+            }
+            self.pongs_queued.set(0);
+            // A refused push means a close was requested, and nothing but
+            // the Close may follow.
+            let Some(payload) = self.late_pong.borrow_mut().take() else {
+                return Ok(());
+            };
+            if outbox
+                .push(OpCode::Pong, &payload, self.shard.outbox_limits())
+                .is_err()
+            {
+                return Ok(());
+            }
+            self.pongs_queued.set(1);
+        }
+    }
+
+    /// Reads into the shard's scratch buffer if the socket may have input.
+    ///
+    /// The flag is cleared first: input that arrives from now on raises a
+    /// new event. A read that fills the buffer leaves more behind, and so
+    /// does one after a hang-up (the end is still to be read), so the flag
+    /// goes back up; otherwise a shorter read emptied the socket.
+    fn read_ready(&self, fd: RawFd) -> Option<IoEvent> {
+        let ready = &self.handle.ready;
+        if !ready.readable.replace(false) {
+            return None;
+        }
+        let mut scratch = self.shard.read_buf.borrow_mut();
+        match readiness::recv(fd, &mut scratch[..]) {
+            Ok(Some(0)) => Some(IoEvent::Eof),
+            Ok(Some(n)) => {
+                if n == scratch.len() || ready.hung_up.get() {
+                    ready.readable.set(true);
+                }
+                Some(IoEvent::Read(n))
+            }
+            Ok(None) => None,
+            Err(err) => Some(IoEvent::Failed(err)),
+        }
     }
 
     /// Decodes and handles bytes from the peer. Breaks with how the
