@@ -187,7 +187,7 @@ async fn run(
     let poller = match Poller::new() {
         Ok(poller) => poller,
         Err(err) => {
-            tracing::error!(shard = index, cause = %err, "cannot create the shard's epoll instance");
+            tracing::error!(shard = index, cause = %err, "cannot create the epoll instance");
             return;
         }
     };
