@@ -67,7 +67,11 @@ trap 'kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true' EX
 
 for _ in $(seq 100); do
     grep -q "shardgate listening" "$log" && break
-    kill -0 "$server" 2>/dev/null || { echo "autobahn: the server did not start:" >&2; tail "$log" >&2; exit 2; }
+    if ! kill -0 "$server" 2>/dev/null; then
+        echo "autobahn: the server did not start:" >&2
+        tail "$log" >&2
+        exit 2
+    fi
     sleep 0.1
 done
 
@@ -82,7 +86,8 @@ cat >"$work/fuzzingclient.json" <<EOF
 }
 EOF
 echo "autobahn: running the fuzzing client against 127.0.0.1:$port/ws/echo"
-(cd "$work" && timeout 1800 venv/bin/wstest -m fuzzingclient -s fuzzingclient.json >wstest.log 2>&1) || {
+(cd "$work" &&
+    timeout 1800 venv/bin/wstest -m fuzzingclient -s fuzzingclient.json >wstest.log 2>&1) || {
     echo "autobahn: wstest failed; see $work/wstest.log" >&2
     exit 2
 }
