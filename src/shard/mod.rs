@@ -568,15 +568,7 @@ impl Shard {
 fn refuse(socket: OwnedFd, status: u16, headers: &[(&str, &str)]) {
     let mut answer = Vec::with_capacity(160);
     crate::http::write_response(&mut answer, status, headers, "text/plain", b"", false);
-    // SAFETY: the descriptor is owned by `socket` for the whole call and the
-    // buffer is valid for `answer.len()` bytes.
-    unsafe {
-        libc::send(
-            socket.as_raw_fd(),
-            answer.as_ptr().cast(),
-            answer.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        );
-        libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR);
-    }
+    let _ = readiness::send(socket.as_raw_fd(), &answer);
+    // SAFETY: the descriptor is owned by `socket` for the whole call.
+    unsafe { libc::shutdown(socket.as_raw_fd(), libc::SHUT_WR) };
 }
